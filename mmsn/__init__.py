@@ -1,0 +1,20 @@
+"""mmsn: Switchable Normalization and Switchable Whitening for dense prediction.
+
+The layers need torch alone. With mmengine installed, importing mmsn also registers them for
+OpenMMLab configs (``norm_cfg=dict(type='SN')``) and applies the fixes of ``mmsn.mm``.
+"""
+import importlib.util
+
+from .layers import (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm,
+                     SyncSwitchWhiten2d, convert_sync_sn, revert_sync_sn)
+
+__version__ = '0.1.0'
+
+if importlib.util.find_spec('mmengine') is not None:
+    from .mm import setup_openmmlab
+    setup_openmmlab()
+
+__all__ = [
+    'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm', 'SwitchWhiten2d',
+    'SyncSwitchWhiten2d', 'convert_sync_sn', 'revert_sync_sn', '__version__'
+]

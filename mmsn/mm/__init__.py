@@ -1,0 +1,32 @@
+"""OpenMMLab glue: registration of the layers and the ecosystem's BN-only special cases.
+
+Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
+:func:`setup_openmmlab` when mmengine is installed. It
+
+* registers the layers in mmengine's root ``MODELS`` registry, which mmcv's
+  ``build_norm_layer`` and every mmdet/mmseg scope reach: 'SN' (= 'SN2d'), 'SN1d', 'SN3d',
+  'SyncSN', 'SW', 'SyncSW';
+* makes ``norm_eval=True`` of mmdet/mmseg backbones freeze SN/SW layers as it freezes BN
+  (their ``train()`` only looks for ``_BatchNorm``);
+* makes ``paramwise_cfg=dict(norm_decay_mult=...)`` of mmengine's default optimizer
+  constructor apply to SN/SW parameters (affine and ratio logits), as it does to BN;
+* lets mmengine load checkpoints under torch >= 2.6 (``weights_only`` loading).
+
+The runner's ``sync_bn`` conversion and mmcv's ``fuse_conv_bn`` only touch ``_BatchNorm``;
+SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them intact. Use
+:func:`mmsn.convert_sync_sn` to synchronize SN/SW.
+"""
+from .compat import allow_mmengine_checkpoints, patch_norm_decay, patch_norm_eval
+from .registry import register_layers
+
+
+def setup_openmmlab() -> None:
+    """Registers the layers and applies the compatibility fixes (idempotent)."""
+    register_layers()
+    patch_norm_decay()
+    patch_norm_eval()
+    allow_mmengine_checkpoints()
+
+
+__all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
+           'allow_mmengine_checkpoints']

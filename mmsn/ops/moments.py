@@ -1,0 +1,82 @@
+"""Exact merging of first and second moments.
+
+Every statistic mmsn mixes (LN and BN from IN, the batch over processes, the batch
+covariance of SW) is a merge of partial moments. They are merged with Chan's formula,
+``M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2``, so no ``E[x^2] - E[x]^2`` cancellation
+happens, whatever the magnitude of the mean.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def merge_moments(count: Tensor, mean: Tensor, m2: Tensor, dim: int,
+                  keepdim: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merges per-part (count, mean, M2) along ``dim``.
+
+    Args:
+        count (Tensor): element count of each part, broadcastable to ``mean``.
+        mean (Tensor): mean of each part.
+        m2 (Tensor): sum of squared deviations from the part's own mean.
+        dim (int): the dimension that indexes the parts.
+        keepdim (bool): keep ``dim`` with size 1. Defaults to False.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: total count, merged mean and merged M2. Parts with
+        zero count contribute nothing; a zero total gives a zero mean and M2, not NaN.
+    """
+    count = count.expand_as(mean)
+    total = count.sum(dim, keepdim=True)
+    merged_mean = (count * mean).sum(dim, keepdim=True) / total.clamp(min=1)
+    merged_m2 = (m2 + count * (mean - merged_mean) ** 2).sum(dim, keepdim=True)
+    if not keepdim:
+        total, merged_mean, merged_m2 = (t.squeeze(dim) for t in (total, merged_mean, merged_m2))
+    return total, merged_mean, merged_m2
+
+
+def merge_covariance_moments(count: Tensor, mean: Tensor, m2: Tensor,
+                             dim: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merges per-part (count, mean vector, M2 matrix) along ``dim``.
+
+    Args:
+        count (Tensor): element count of each part, shape ``(P,)`` when ``dim=0``.
+        mean (Tensor): part means, ``(P, ..., c)``.
+        m2 (Tensor): part scatter matrices ``sum (x - mean_i)(x - mean_i)^T``, ``(P, ..., c, c)``.
+        dim (int): the parts dimension (must be a leading dimension of all three). Defaults to 0.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: total count (scalar), merged mean ``(..., c)`` and
+        merged scatter matrix ``(..., c, c)``.
+    """
+    shape = [1] * mean.dim()
+    shape[dim] = -1
+    weights = count.reshape(shape)
+    total = count.sum()
+    merged_mean = (weights * mean).sum(dim) / total.clamp(min=1)
+    deviation = mean - merged_mean.unsqueeze(dim)
+    between = (weights.unsqueeze(-1) * deviation.unsqueeze(-1) * deviation.unsqueeze(-2)).sum(dim)
+    return total, merged_mean, m2.sum(dim) + between
+
+
+def unbiased_scale(count: Tensor) -> Tensor:
+    """Bessel's factor ``n / (n - 1)`` for running estimates, 1 where ``n <= 1``."""
+    count = count.to(torch.float32)
+    return torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
+
+
+def update_running(running: Tensor, batch: Tensor, momentum: Optional[float],
+                   num_batches_tracked: Optional[Tensor]) -> None:
+    """Updates a running buffer in place with PyTorch's momentum convention.
+
+    ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None`` gives the
+    cumulative average over the ``num_batches_tracked`` batches seen so far (already counted
+    the current one).
+    """
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
+        factor = 1.0 / float(num_batches_tracked.item())
+    else:
+        factor = momentum
+    running.mul_(1.0 - factor).add_(batch.detach().to(running.dtype), alpha=factor)

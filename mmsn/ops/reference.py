@@ -1,0 +1,286 @@
+"""Pure-PyTorch Switchable Normalization and Switchable Whitening.
+
+This is the CPU path and the oracle every fast path is tested against. It follows the
+papers' equations with population (biased) statistics:
+
+* SN (Luo et al., Eqn. 2-4): IN moments per (n, c); LN and BN moments pooled from them;
+  ``y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k sigma_k^2 + eps) + beta``.
+* SW (Pan et al., Eqn. 5-7): per group of ``c`` channels, batch (BW) and instance (IW)
+  covariances, their diagonals (BN, IN) and a per-sample LN variance, mixed, then
+  ``Sigma^{-1/2}`` by Newton's iteration on the trace-normalised matrix (or exactly by
+  ``eigh``), applied to ``x - mu``.
+
+All statistics are computed in float32 (float64 stays float64) whatever the input dtype, and
+pooled with centred terms (no ``E[x^2] - E[x]^2``). Ratios come in already normalised (the
+layers apply softmax, sparsestmax or hard one-hot choices), so these functions are agnostic to
+how the ratios are produced.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .distributed import all_gather_parts, sync_world_size
+from .moments import merge_covariance_moments, merge_moments, unbiased_scale, update_running
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else computes statistics in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def instance_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Population mean and variance of each (n, c) over the spatial dims, ``(N, C)``."""
+    xs = x.to(stats_dtype(x))
+    spatial = tuple(range(2, x.dim()))
+    if not spatial:  # (N, C): one element per instance
+        return xs, torch.zeros_like(xs)
+    if xs.numel() == 0:
+        return xs.new_zeros(x.shape[:2]), xs.new_zeros(x.shape[:2])
+    var, mean = torch.var_mean(xs, dim=spatial, correction=0)
+    return mean, var
+
+
+def pooled_moments(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """Pools equal-sized parts: mean of means, and mean of (var + squared deviation)."""
+    pooled_mean = mean.mean(dim, keepdim=True)
+    pooled_var = (var + (mean - pooled_mean) ** 2).mean(dim, keepdim=True)
+    return pooled_mean, pooled_var
+
+
+def batch_moments(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
+                  process_group: Optional[object] = None,
+                  sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """BN moments per channel from the IN moments, optionally over all ranks of a group.
+
+    Args:
+        mean_in (Tensor): ``(N, C)`` instance means (N may be 0 on some ranks when synced).
+        var_in (Tensor): ``(N, C)`` instance variances.
+        numel_per_instance (int): elements per (n, c), i.e. the spatial size.
+        process_group (optional): the group to synchronize over. Defaults to the world.
+        sync (bool): reduce over the group (when one is initialised with more than one rank).
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: mean ``(C,)``, population variance ``(C,)`` and the
+        element count behind them (a scalar tensor).
+    """
+    n = mean_in.shape[0]
+    local_count = mean_in.new_tensor(float(n * numel_per_instance))
+    if n > 0:
+        mean, var = (t.squeeze(0) for t in pooled_moments(mean_in, var_in, 0))
+    else:
+        mean = var = mean_in.new_zeros(mean_in.shape[1])
+    if not sync or sync_world_size(process_group) == 1:
+        return mean, var, local_count
+    channels = mean.shape[0]
+    part = torch.cat([local_count.reshape(1), mean, var * local_count])
+    parts = all_gather_parts(part, process_group)
+    count, mean, m2 = merge_moments(parts[:, :1], parts[:, 1:1 + channels],
+                                    parts[:, 1 + channels:], dim=0)
+    total = count[0]
+    return mean, m2 / total.clamp(min=1), total
+
+
+def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
+                          weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
+                          momentum: Optional[float], eps: float,
+                          process_group: Optional[object] = None,
+                          sync: bool = False) -> Tensor:
+    """Switchable Normalization, the reference path.
+
+    Args:
+        x (Tensor): ``(N, C, *)`` input, any float dtype and memory format.
+        mean_ratio (Tensor): ``(3,)`` ratios for IN, LN, BN means (``(2,)`` for IN, LN when
+            the layer has no BN branch); they should sum to one.
+        var_ratio (Tensor): the same for variances.
+        weight (Tensor, optional): ``(C,)`` scale. bias (Tensor, optional): ``(C,)`` shift.
+        running_mean (Tensor, optional): ``(C,)`` buffer, updated in place when
+            ``use_batch_stats``; used as the BN mean otherwise.
+        running_var (Tensor, optional): ``(C,)`` buffer holding the unbiased running variance
+            (PyTorch's convention).
+        num_batches_tracked (Tensor, optional): counter for ``momentum=None``.
+        use_batch_stats (bool): BN branch from the batch (training) or from the buffers.
+        momentum (float, optional): PyTorch convention; None is the cumulative average.
+        eps (float): added to the mixed variance.
+        process_group (optional): group for the synchronized BN branch.
+        sync (bool): synchronize the BN branch over the group.
+
+    Returns:
+        Tensor: the normalized input, same shape, dtype and memory format as ``x``.
+    """
+    num_samples, channels = x.shape[:2]
+    has_bn = mean_ratio.numel() == 3
+    numel_per_instance = math.prod(x.shape[2:])
+    mean_in, var_in = instance_moments(x)
+    mean_ln, var_ln = pooled_moments(mean_in, var_in, 1) if num_samples else (mean_in, var_in)
+    mean_ratio = mean_ratio.to(mean_in.dtype)
+    var_ratio = var_ratio.to(mean_in.dtype)
+    mean = mean_ratio[0] * mean_in + mean_ratio[1] * mean_ln
+    var = var_ratio[0] * var_in + var_ratio[1] * var_ln
+    if has_bn:
+        if use_batch_stats:
+            mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance,
+                                                   process_group, sync)
+            if running_mean is not None and count.item() > 0:
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                update_running(running_mean, mean_bn, momentum, num_batches_tracked)
+                update_running(running_var, var_bn * unbiased_scale(count), momentum,
+                               num_batches_tracked)
+        else:
+            if running_mean is None:
+                raise ValueError('use_batch_stats=False needs running_mean and running_var')
+            mean_bn, var_bn = running_mean.to(mean_in.dtype), running_var.to(mean_in.dtype)
+        mean = mean + mean_ratio[2] * mean_bn
+        var = var + var_ratio[2] * var_bn
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    view = (num_samples, channels) + (1,) * (x.dim() - 2)
+    # One pass over x: y = x * scale + shift, computed in the statistics dtype.
+    y = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
+    return y.to(x.dtype)
+
+
+def inverse_sqrt_newton(cov: Tensor, iterations: int) -> Tensor:
+    """``cov^{-1/2}`` by Newton's iteration on the trace-normalised matrix (SW Eqn. 7).
+
+    ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2`` with ``Sigma_N = Sigma / tr``;
+    the result is ``P_T / sqrt(tr)``. ``cov`` is ``(..., c, c)`` symmetric positive definite.
+    """
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    cov_n = cov / trace
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    p = eye
+    for _ in range(iterations):
+        p3 = torch.matmul(torch.matmul(p, p), p)
+        p = 1.5 * p - 0.5 * torch.matmul(p3, cov_n)
+    return p * torch.rsqrt(trace)
+
+
+def inverse_sqrt_eigh(cov: Tensor) -> Tensor:
+    """Exact ``cov^{-1/2} = D diag(lambda^{-1/2}) D^T`` by eigendecomposition."""
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    return (eigvecs * torch.rsqrt(eigvals.clamp(min=torch.finfo(cov.dtype).tiny))[..., None, :]
+            ) @ eigvecs.transpose(-1, -2)
+
+
+#: Order of the SW statistics in the ratio vectors, per sw_type.
+SW_STATISTICS = {2: ('bw', 'iw'), 3: ('bw', 'iw', 'ln'), 5: ('bw', 'iw', 'bn', 'in', 'ln')}
+
+
+def group_batch_moments(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int,
+                        process_group: Optional[object] = None,
+                        sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch (BW) mean ``(G, c)`` and population covariance ``(G, c, c)`` from IW moments."""
+    num_samples = mean_iw.shape[0]
+    groups, c = mean_iw.shape[1:]
+    counts = mean_iw.new_full((num_samples,), float(numel_per_instance))
+    local_count, mean, m2 = merge_covariance_moments(counts, mean_iw, cov_iw * numel_per_instance)
+    if sync and sync_world_size(process_group) > 1:
+        part = torch.cat([local_count.reshape(1), mean.reshape(-1), m2.reshape(-1)])
+        parts = all_gather_parts(part, process_group)
+        size = groups * c
+        local_count, mean, m2 = merge_covariance_moments(
+            parts[:, 0], parts[:, 1:1 + size].reshape(-1, groups, c),
+            parts[:, 1 + size:].reshape(-1, groups, c, c))
+    return mean, m2 / local_count.clamp(min=1), local_count
+
+
+def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
+                            weight: Optional[Tensor], bias: Optional[Tensor],
+                            running_mean: Optional[Tensor], running_cov: Optional[Tensor],
+                            num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
+                            num_pergroup: int, sw_type: int, iterations: int,
+                            momentum: Optional[float], eps: float, method: str = 'newton',
+                            process_group: Optional[object] = None,
+                            sync: bool = False) -> Tensor:
+    """Switchable Whitening, the reference path.
+
+    Args:
+        x (Tensor): ``(N, C, H, W)`` input, ``C`` a multiple of ``num_pergroup``.
+        mean_ratio (Tensor): ``(sw_type,)`` ratios in the order of ``SW_STATISTICS``.
+        var_ratio (Tensor): the same for the covariance.
+        weight (Tensor, optional): ``(C,)`` scale. bias (Tensor, optional): ``(C,)`` shift.
+        running_mean (Tensor, optional): ``(G, c, 1)`` buffer (the BW mean).
+        running_cov (Tensor, optional): ``(G, c, c)`` buffer (unbiased BW covariance).
+        num_batches_tracked (Tensor, optional): counter for ``momentum=None``.
+        use_batch_stats (bool): BW/BN from the batch (training) or from the buffers.
+        num_pergroup (int): channels per whitening group ``c``.
+        sw_type (int): 2, 3 or 5 (see ``SW_STATISTICS``).
+        iterations (int): Newton iterations ``T``.
+        momentum (float, optional): PyTorch convention; None is the cumulative average.
+        eps (float): added to the diagonal of the mixed covariance.
+        method (str): 'newton' (the paper's) or 'eigh' (exact).
+        process_group (optional): group for the synchronized BW branch.
+        sync (bool): synchronize the BW branch over the group.
+
+    Returns:
+        Tensor: the whitened input, same shape, dtype and memory format as ``x``.
+    """
+    num_samples, channels = x.shape[:2]
+    groups, c = channels // num_pergroup, num_pergroup
+    dtype = stats_dtype(x)
+    numel = math.prod(x.shape[2:])
+    xg = x.to(dtype).reshape(num_samples, groups, c, numel)
+    mean_iw = xg.mean(-1)                                          # (N, G, c)
+    centred = xg - mean_iw[..., None]
+    cov_iw = torch.matmul(centred, centred.transpose(-1, -2)) / max(numel, 1)  # (N, G, c, c)
+    if use_batch_stats:
+        mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel, process_group, sync)
+        if running_mean is not None and count.item() > 0:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            update_running(running_mean, mean_bw[..., None], momentum, num_batches_tracked)
+            update_running(running_cov, cov_bw * unbiased_scale(count), momentum,
+                           num_batches_tracked)
+    else:
+        if running_mean is None:
+            raise ValueError('use_batch_stats=False needs running_mean and running_cov')
+        mean_bw, cov_bw = running_mean.to(dtype).squeeze(-1), running_cov.to(dtype)
+    eye = torch.eye(c, dtype=dtype, device=x.device)
+    var_in = cov_iw.diagonal(dim1=-2, dim2=-1)                     # (N, G, c)
+    stats_mean, stats_cov = {}, {}
+    stats_mean['bw'] = stats_mean['bn'] = mean_bw.expand_as(mean_iw)
+    stats_cov['bw'] = cov_bw.expand_as(cov_iw)
+    stats_cov['bn'] = torch.diag_embed(cov_bw.diagonal(dim1=-2, dim2=-1)).expand_as(cov_iw)
+    stats_mean['iw'] = stats_mean['in'] = mean_iw
+    stats_cov['iw'] = cov_iw
+    stats_cov['in'] = torch.diag_embed(var_in)
+    if 'ln' in SW_STATISTICS[sw_type]:
+        # One mean and one variance per sample over all C channels (not per group).
+        flat_mean = mean_iw.reshape(num_samples, channels)
+        flat_var = var_in.reshape(num_samples, channels)
+        mean_ln, var_ln = pooled_moments(flat_mean, flat_var, 1) if num_samples else (
+            flat_mean[:, :1], flat_var[:, :1])
+        stats_mean['ln'] = mean_ln[:, :, None].expand_as(mean_iw)
+        stats_cov['ln'] = var_ln[:, :, None, None] * eye
+    mean_ratio, var_ratio = mean_ratio.to(dtype), var_ratio.to(dtype)
+    mean = sum(mean_ratio[i] * stats_mean[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
+    cov = sum(var_ratio[i] * stats_cov[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
+    cov = cov + eps * eye
+    if method == 'newton':
+        whitening = inverse_sqrt_newton(cov, iterations)
+    elif method == 'eigh':
+        whitening = inverse_sqrt_eigh(cov)
+    else:
+        raise ValueError(f"method: expected 'newton' or 'eigh', got {method!r}")
+    y = torch.matmul(whitening, xg - mean[..., None]).reshape(x.shape)
+    view = (1, channels) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(dtype).reshape(view)
+    if bias is not None:
+        y = y + bias.to(dtype).reshape(view)
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,146 @@
+"""SyncSN and SyncSW on gloo: every rank's share equals SN/SW run on the concatenated batch."""
+import copy
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mmsn import (SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d,
+                  convert_sync_sn, revert_sync_sn)
+
+CHANNELS = 8
+
+
+def make_layers():
+    """(name, local layer, synchronized layer) with the same random parameters."""
+    torch.manual_seed(0)
+    layers = []
+    for name, local, sync in [
+        ('sn', SwitchNorm2d(CHANNELS), SyncSwitchNorm(CHANNELS)),
+        ('sw2', SwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=2),
+         SyncSwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=2)),
+        ('sw5', SwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=5),
+         SyncSwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=5)),
+    ]:
+        local = local.double()
+        with torch.no_grad():
+            for param in local.parameters():
+                param.uniform_(-1, 1) if param.dim() == 1 and param.numel() <= 5 else \
+                    param.uniform_(0.5, 1.5)
+        sync = sync.double()
+        sync.load_state_dict(local.state_dict())
+        layers.append((name, local, sync))
+    return layers
+
+
+def make_data(total):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(total, CHANNELS, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(total, CHANNELS, 3, 4, generator=gen, dtype=torch.float64)
+    return x, grad
+
+
+def run_rank(rank, world_size, port, sizes, out_dir):
+    # A bounded timeout turns a missed collective into an error instead of a hang.
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    calls = {'all_gather': 0, 'all_reduce': 0}
+    for op in calls:
+        original = getattr(dist, op)
+
+        def counted(*args, _op=op, _original=original, **kwargs):
+            calls[_op] += 1
+            return _original(*args, **kwargs)
+        setattr(dist, op, counted)
+    start = sum(sizes[:rank])
+    x_all, grad_all = make_data(sum(sizes))
+    results = {}
+    for name, _, layer in make_layers():
+        for step in range(2):  # two steps: running statistics accumulate the same way
+            x = x_all[start:start + sizes[rank]].clone().requires_grad_()
+            layer.zero_grad()
+            before = dict(calls)
+            y = layer(x)
+            after_forward = dict(calls)
+            (y * grad_all[start:start + sizes[rank]]).sum().backward()
+            results[name, step] = dict(
+                y=y.detach(), x_grad=x.grad,
+                param_grads={k: p.grad.clone() for k, p in layer.named_parameters()},
+                buffers={k: b.clone() for k, b in layer.named_buffers()},
+                forward_collectives={k: after_forward[k] - before[k] for k in calls},
+                backward_collectives={k: calls[k] - after_forward[k] for k in calls})
+        layer.eval()  # eval uses the running statistics: no collective at all
+        before = dict(calls)
+        results[name, 'eval'] = dict(y=layer(x_all[start:start + sizes[rank]]).detach(),
+                                     collectives={k: calls[k] - before[k] for k in calls})
+    torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize('sizes', [(1, 4), (2, 0, 3)], ids=['2-ranks', '3-ranks-one-empty'])
+def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, tmp_path):
+    world_size = len(sizes)
+    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path)),
+             nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world_size)]
+    x_all, grad_all = make_data(sum(sizes))
+    for name, local, _ in make_layers():
+        for step in range(2):
+            x = x_all.clone().requires_grad_()
+            local.zero_grad()
+            y = local(x)
+            (y * grad_all).sum().backward()
+            got = [rank[name, step] for rank in ranks]
+            torch.testing.assert_close(torch.cat([g['y'] for g in got]), y.detach())
+            torch.testing.assert_close(torch.cat([g['x_grad'] for g in got]), x.grad)
+            for key, param in local.named_parameters():
+                summed = sum(g['param_grads'][key] for g in got)
+                torch.testing.assert_close(summed, param.grad, msg=f'{name} {key}')
+            for g in got:
+                for key, buffer in local.named_buffers():
+                    torch.testing.assert_close(g['buffers'][key], buffer, msg=f'{name} {key}')
+                assert g['forward_collectives'] == {'all_gather': 1, 'all_reduce': 0}
+                assert g['backward_collectives'] == {'all_gather': 0, 'all_reduce': 1}
+        local.eval()
+        eval_got = [rank[name, 'eval'] for rank in ranks]
+        torch.testing.assert_close(torch.cat([g['y'] for g in eval_got]), local(x_all))
+        assert all(g['collectives'] == {'all_gather': 0, 'all_reduce': 0} for g in eval_got)
+
+
+def test_sync_layers_fall_back_without_process_group():
+    x, _ = make_data(3)
+    for _, local, sync in make_layers():
+        torch.testing.assert_close(sync(x), local(x))
+        torch.testing.assert_close(sync.running_mean, local.running_mean)
+
+
+def test_convert_and_revert_keep_state_and_mode():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), SwitchNorm2d(8, last_gamma=True),
+                          nn.Sequential(SwitchWhiten2d(8, num_pergroup=4, sw_type=5)))
+    model(torch.randn(2, 3, 4, 4))
+    model[1].weight.requires_grad_(False)
+    model.eval()
+    state = copy.deepcopy(model.state_dict())
+    converted = convert_sync_sn(model)
+    assert type(converted[1]) is SyncSwitchNorm and type(converted[2][0]) is SyncSwitchWhiten2d
+    assert converted[2][0].sw_type == 5 and not converted[1].training
+    assert not converted[1].weight.requires_grad
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    reverted = revert_sync_sn(converted)
+    assert type(reverted[1]) is SwitchNorm2d and type(reverted[2][0]) is SwitchWhiten2d
+    assert reverted[1].last_gamma
+    for key, value in reverted.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert type(convert_sync_sn(SwitchNorm2d(4))) is SyncSwitchNorm
