@@ -6,6 +6,7 @@ it twice changes nothing.
 import importlib
 import importlib.util
 import sys
+import warnings
 from functools import wraps
 
 import torch
@@ -48,7 +49,12 @@ def patch_norm_eval(packages=NORM_EVAL_PACKAGES) -> list:
     for package_name in packages:
         if importlib.util.find_spec(package_name.split('.')[0]) is None:
             continue
-        importlib.import_module(package_name)
+        try:
+            importlib.import_module(package_name)
+        except ImportError as err:  # installed but unusable here: nothing of it can be built
+            warnings.warn(f'mmsn: {package_name} could not be imported ({err}); its norm_eval '
+                          f'will not freeze SN/SW layers')
+            continue
         # The modules the package itself imports: those are the ones a config can build.
         modules = [m for name, m in list(sys.modules.items())
                    if m is not None and (name == package_name or name.startswith(package_name + '.'))]
@@ -84,28 +90,53 @@ def patch_norm_decay() -> bool:
     return True
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Allows what mmengine writes into checkpoints under ``torch.load(weights_only=True)``.
-
-    torch >= 2.6 loads with ``weights_only=True`` by default; mmengine 0.10.7 stores numpy
-    scalars and its ``HistoryBuffer`` in the checkpoint's meta and message hub, so loading its
-    own checkpoints fails (mmengine issue #1655). Only these types are allowed, not arbitrary
-    pickles.
-    """
-    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is None:
-        return
+def _numpy_safe_globals() -> list:
     import numpy as np
-    allowed = [np.dtype, np.ndarray, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-               type(np.dtype(np.int64)), type(np.dtype(np.int32)), type(np.dtype(np.bool_))]
+    allowed = [np.dtype, np.ndarray]
+    allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64,
+                                            np.int32, np.uint8, np.bool_)]
     try:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar
-    allowed += [scalar, _reconstruct]
+    return allowed + [scalar, _reconstruct]
+
+
+def load_local_checkpoint(filename: str, map_location=None):
+    """mmengine's local-file checkpoint loader, working under torch >= 2.6.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default; mmengine 0.10.7 stores numpy
+    scalars in ``meta`` and ``HistoryBuffer`` objects in ``message_hub`` (mmengine issue
+    #1655), so its own checkpoints fail to load. Numpy scalars and arrays are allowed as safe
+    types; a file that still needs more (a resumable training checkpoint) is loaded with
+    ``weights_only=False``, which is what torch < 2.6 always did, with a warning that names it.
+    """
+    import os.path as osp
+    import pickle
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
     try:
-        from mmengine.logging import HistoryBuffer
-        allowed.append(HistoryBuffer)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split('WeightsUnpickler error:')[-1].strip().split('.')[0]
+        warnings.warn(f'mmsn: loading {filename} with weights_only=False ({reason}); '
+                      f'load only checkpoints you trust')
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+def allow_mmengine_checkpoints() -> bool:
+    """Installs :func:`load_local_checkpoint` as mmengine's loader for local files.
+
+    Returns:
+        bool: whether it was installed (mmengine present and torch has ``safe_globals``).
+    """
+    if not hasattr(torch.serialization, 'safe_globals'):
+        return False  # torch < 2.5 loads with weights_only=False anyway
+    try:
+        from mmengine.runner.checkpoint import CheckpointLoader
     except ImportError:
-        pass
-    add_safe_globals(allowed)
+        return False
+    CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+    return True
