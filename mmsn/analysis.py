@@ -1,0 +1,51 @@
+"""What the layers learned: their ratios, read from a model or a checkpoint's state dict."""
+from collections import OrderedDict
+from typing import Dict, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .layers import SN_STATISTICS
+from .ops import SW_STATISTICS
+
+#: (mean logits key, variance logits key) of each layer kind, as in the authors' releases.
+_LOGIT_KEYS = (('mean_weight', 'var_weight'), ('sw_mean_weight', 'sw_var_weight'))
+
+
+def ratios_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, dict]:
+    """Softmax ratios of every SN/SW layer of a state dict, in layer order.
+
+    Returns:
+        dict: ``{layer_name: {'statistics': [...], 'mean': [...], 'var': [...]}}``. SW layers
+        with ``tie_weight`` report the mean ratios for both.
+    """
+    layers = OrderedDict()
+    for key, value in state_dict.items():
+        for mean_key, var_key in _LOGIT_KEYS:
+            if not key.endswith('.' + mean_key):
+                continue
+            prefix = key[:-len(mean_key) - 1]
+            var_logits = state_dict.get(f'{prefix}.{var_key}', value)
+            if mean_key == 'mean_weight':
+                names = SN_STATISTICS[:value.numel()]
+            else:
+                names = SW_STATISTICS[value.numel()]
+            layers[prefix] = dict(statistics=list(names),
+                                  mean=F.softmax(value.double(), 0).tolist(),
+                                  var=F.softmax(var_logits.double(), 0).tolist())
+    return layers
+
+
+def format_ratio_table(ratios: Dict[str, dict], max_rows: int = 0) -> str:
+    """A text table: one row per layer, mean and variance ratios per statistic."""
+    lines = [f'{"layer":<40} {"mean ratios":<28} var ratios']
+    rows = list(ratios.items())
+    if max_rows and len(rows) > max_rows:
+        rows = rows[:max_rows // 2] + [('...', None)] + rows[-(max_rows - max_rows // 2):]
+    for name, entry in rows:
+        if entry is None:
+            lines.append('...')
+            continue
+        fmt = lambda values: ' '.join(f'{s}={v:.2f}' for s, v in zip(entry['statistics'], values))  # noqa: E731
+        lines.append(f'{name:<40} {fmt(entry["mean"]):<28} {fmt(entry["var"])}')
+    return '\n'.join(lines)

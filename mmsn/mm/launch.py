@@ -1,0 +1,89 @@
+"""What tools/train.py and tools/test.py share: arguments, config handling, distributed setup.
+
+Works for mmdet and mmseg configs alike (the config's ``default_scope`` decides), on GPUs with
+NCCL and on the CPU with gloo. mmengine 0.10.7's ``pytorch`` launcher calls
+``torch.cuda.set_device`` unconditionally and wraps the model with ``device_ids=[LOCAL_RANK]``;
+both fail without CUDA, so on the CPU the process group is created here (the Runner then skips
+its own ``init_dist``) and DDP is built without device ids.
+"""
+import argparse
+import os
+import os.path as osp
+
+import torch
+import torch.distributed as dist
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='the directory to save logs and models')
+    parser.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
+                        help='override config settings, key=value pairs (xxx=yyy)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+class _DictAction(argparse.Action):
+    """mmengine's DictAction, imported lazily so ``--help`` works before installation."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def init_cpu_distributed() -> None:
+    """Creates the gloo process group from torchrun's environment (CPU-only runs)."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
+                            world_size=int(os.environ['WORLD_SIZE']))
+
+
+def prepare_config(cfg, args, mode: str):
+    """Applies the command line to ``cfg``: work dir, options, launcher, resume, AMP, devices."""
+    from mmengine.config import ConfigDict
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if mode == 'train':
+        if getattr(args, 'amp', False):
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        if getattr(args, 'resume', None) == 'auto':
+            cfg.resume, cfg.load_from = True, None
+        elif getattr(args, 'resume', None) is not None:
+            cfg.resume, cfg.load_from = True, args.resume
+    else:
+        cfg.load_from = args.checkpoint
+    if args.launcher != 'none':
+        cfg.setdefault('env_cfg', ConfigDict())
+        cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
+        if torch.cuda.is_available():
+            cfg.env_cfg.dist_cfg.backend = 'nccl'
+        else:
+            if args.launcher != 'pytorch':
+                raise ValueError(f'--launcher: only "pytorch" (torchrun) runs without CUDA, '
+                                 f'got {args.launcher!r}')
+            cfg.env_cfg.dist_cfg.backend = 'gloo'
+            wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(type='MMDistributedDataParallel')
+            wrapper.device_ids = None  # explicit: the runner's default is [LOCAL_RANK]
+            wrapper.setdefault('broadcast_buffers', False)
+            cfg.model_wrapper_cfg = wrapper
+            init_cpu_distributed()
+    return cfg
+
+
+def build_runner(args, mode: str):
+    """Loads the config, applies the arguments and builds the (mmdet or mmseg) Runner."""
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    cfg = prepare_config(Config.fromfile(args.config), args, mode)
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

@@ -1,0 +1,32 @@
+"""Evaluate a checkpoint of an mmdet or mmseg model (the OpenMMLab tools/test.py, for both).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+                         [--launcher none|pytorch|slurm|mpi]
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from mmsn.mm.launch import build_runner, common_arguments  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Test a detector or segmentor with mmsn')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    common_arguments(parser)
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main():
+    args = parse_args()
+    runner = build_runner(args, mode='test')
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()
