@@ -56,8 +56,6 @@ def tiny_backbones():
     (dict(type='SW', num_pergroup=16), 'SwitchWhiten2d')])
 def test_resnets_build_and_train_with_switchable_norms(norm_cfg, layer_name):
     for name, build in tiny_backbones():
-        if 'r50' in name and layer_name == 'SwitchWhiten2d':
-            continue  # whitening every layer of a ResNet-50 is slow on CPU, and adds nothing
         model = build(norm_cfg)
         counts = count_layers(model)
         assert set(counts) == {layer_name}, (name, counts)
