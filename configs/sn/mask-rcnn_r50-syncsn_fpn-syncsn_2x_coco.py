@@ -1,0 +1,9 @@
+# Mask R-CNN R50-FPN 2x with SyncSN (BN statistics over all GPUs) in the backbone, FPN,
+# box head and mask head. Same as the SN config otherwise.
+_base_ = './mask-rcnn_r50-sn_fpn-sn_2x_coco.py'
+
+norm_cfg = dict(type='SyncSN')
+model = dict(
+    backbone=dict(norm_cfg=norm_cfg),
+    neck=dict(norm_cfg=norm_cfg),
+    roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
