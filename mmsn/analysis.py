@@ -49,3 +49,55 @@ def format_ratio_table(ratios: Dict[str, dict], max_rows: int = 0) -> str:
         fmt = lambda values: ' '.join(f'{s}={v:.2f}' for s, v in zip(entry['statistics'], values))  # noqa: E731
         lines.append(f'{name:<40} {fmt(entry["mean"]):<28} {fmt(entry["var"])}')
     return '\n'.join(lines)
+
+
+def model_ratios(model: torch.nn.Module) -> Dict[str, dict]:
+    """Ratios of every SN/SW layer of a model (DDP wrappers unwrapped), in module order."""
+    from .layers import SwitchableLayer
+    model = getattr(model, 'module', model)
+    layers = OrderedDict()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, SwitchableLayer):
+                mean, var = module.ratios()
+                layers[name] = dict(statistics=list(module.statistics), mean=mean.tolist(),
+                                    var=var.tolist())
+    return layers
+
+
+def ratio_scalars(ratios: Dict[str, dict], prefix: str = 'ratios') -> Dict[str, float]:
+    """Flat scalars ``{prefix}/{layer}/{mean|var}_{statistic}`` for the visualizer."""
+    scalars = {}
+    for layer, entry in ratios.items():
+        for kind in ('mean', 'var'):
+            for statistic, value in zip(entry['statistics'], entry[kind]):
+                scalars[f'{prefix}/{layer}/{kind}_{statistic}'] = float(value)
+    return scalars
+
+
+def symmetric_kl(p, q, floor: float = 1e-8) -> float:
+    """D = KL(p||q) + KL(q||p) of two ratio vectors (SN paper Fig. 7c); zeros floored."""
+    p = torch.as_tensor(p, dtype=torch.float64).clamp(min=floor)
+    q = torch.as_tensor(q, dtype=torch.float64).clamp(min=floor)
+    return float(((p - q) * (p.log() - q.log())).sum())
+
+
+def ratio_history(scalar_files, prefix: str = 'ratios') -> Dict[str, Dict[str, list]]:
+    """Ratio curves from mmengine ``vis_data/scalars.json`` files (one JSON record per line):
+    ``{layer: {'step': [...], 'mean_in': [...], ...}}``."""
+    import json
+    history = OrderedDict()
+    for path in scalar_files:
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                keys = [k for k in record if k.startswith(prefix + '/')]
+                for key in keys:
+                    layer, series = key[len(prefix) + 1:].rsplit('/', 1)
+                    curves = history.setdefault(layer, OrderedDict(step=[]))
+                    if not curves['step'] or curves['step'][-1] != record['step']:
+                        if len(curves['step']) and record['step'] < curves['step'][-1]:
+                            continue  # a resumed run repeating steps
+                        curves['step'].append(record['step'])
+                    curves.setdefault(series, []).append(record[key])
+    return history

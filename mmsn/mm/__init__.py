@@ -12,13 +12,16 @@ Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
   constructor apply to SN/SW parameters (affine and ratio logits), as it does to BN;
 * lets mmengine load checkpoints under torch >= 2.6 (``weights_only`` loading);
 * registers ``SWResNet`` in mmdet and mmseg (SW on chosen layers of their ResNet) and the
-  ``StrictPretrained`` initializer (converted backbones, loaded strictly).
+  ``StrictPretrained`` initializer (converted backbones, loaded strictly);
+* registers the hooks ``SwitchableRatioHook`` (ratios to the visualizer and the checkpoint)
+  and ``BatchAverageHook`` (batch-average inference statistics).
 
 The runner's ``sync_bn`` conversion and mmcv's ``fuse_conv_bn`` only touch ``_BatchNorm``;
 SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them intact. Use
 :func:`mmsn.convert_sync_sn` to synchronize SN/SW.
 """
 from .backbones import SW_PLACEMENTS, register_backbones, replace_norm_layers
+from .hooks import BatchAverageHook, SwitchableRatioHook, register_hooks
 from .compat import allow_mmengine_checkpoints, patch_norm_decay, patch_norm_eval
 from .pretrained import StrictPretrainedInit, register_initializers
 from .registry import register_layers
@@ -28,6 +31,7 @@ def setup_openmmlab() -> None:
     """Registers the layers and applies the compatibility fixes (idempotent)."""
     register_layers()
     register_initializers()
+    register_hooks()
     register_backbones()
     patch_norm_decay()
     patch_norm_eval()
@@ -36,4 +40,4 @@ def setup_openmmlab() -> None:
 
 __all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
            'allow_mmengine_checkpoints', 'register_backbones', 'register_initializers',
-           'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit']
+           'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook', 'BatchAverageHook', 'register_hooks']

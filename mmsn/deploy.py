@@ -1,0 +1,176 @@
+"""Hard (one-hot) ratios and their deployment (SN paper Table 3, Table 11 items 6-7).
+
+``harden_ratios`` turns soft ratios into their argmax, for finetuning or inference.
+``deploy_hard_switchable`` then rewrites an eval model: an SN layer that picks BN for both the
+mean and the variance is a per-channel affine map and folds into the preceding convolution;
+one that picks IN or LN keeps only the statistics it uses.
+"""
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .converters.resnet import ZERO_RATIO_LOGIT
+from .layers import SwitchableLayer
+from .layers.switch_norm import _SwitchNorm
+
+#: logits that end with these names are ratio logits (SN, then SW)
+RATIO_LOGITS = ('mean_weight', 'var_weight', 'sw_mean_weight', 'sw_var_weight')
+
+
+def hard_logits(logits: Tensor) -> Tensor:
+    """Logits whose softmax is the one-hot vector of ``logits``'s argmax."""
+    hard = torch.full_like(logits, ZERO_RATIO_LOGIT)
+    hard[logits.argmax()] = 0
+    return hard
+
+
+def harden_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A copy of a state dict with every SN/SW ratio made one-hot (argmax per layer, for the
+    mean and the variance separately). One-hot softmax logits get exactly zero gradient,
+    so finetuning keeps them hard."""
+    return OrderedDict((k, hard_logits(v) if k.endswith(RATIO_LOGITS) and v.dim() == 1 else v)
+                       for k, v in state_dict.items())
+
+
+@torch.no_grad()
+def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
+    """Makes the ratios of every SN/SW layer of ``model`` one-hot, in place.
+
+    Returns:
+        dict: ``{layer: (mean statistic, variance statistic)}``.
+    """
+    choices = OrderedDict()
+    for name, module in model.named_modules():
+        if not isinstance(module, SwitchableLayer):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param_name in RATIO_LOGITS:
+                param.copy_(hard_logits(param))
+        choices[name] = hard_choice(module)
+    return choices
+
+
+def hard_choice(layer: SwitchableLayer, tolerance: float = 1e-6) -> Optional[Tuple[str, str]]:
+    """(mean statistic, variance statistic) of a layer whose ratios are one-hot, else None."""
+    mean, var = layer.ratios()
+    if mean.max() < 1 - tolerance or var.max() < 1 - tolerance:
+        return None
+    return layer.statistics[int(mean.argmax())], layer.statistics[int(var.argmax())]
+
+
+class HardSwitchNorm(nn.Module):
+    """Inference form of an SN layer with one-hot ratios: computes only the chosen mean
+    ('in', 'ln' or 'bn' = running) and variance, in float32, for ``(N, C, *)`` inputs.
+
+    Args:
+        layer (SwitchNorm1d/2d/3d, SyncSwitchNorm): the trained layer (affine and running
+            buffers are copied).
+        mean_from, var_from (str): the chosen statistics.
+    """
+
+    def __init__(self, layer: _SwitchNorm, mean_from: str, var_from: str):
+        super().__init__()
+        self.mean_from, self.var_from, self.eps = mean_from, var_from, layer.eps
+        self.register_buffer('weight', None if layer.weight is None else layer.weight.detach()
+                             .clone())
+        self.register_buffer('bias', None if layer.bias is None else layer.bias.detach().clone())
+        uses_bn = 'bn' in (mean_from, var_from)
+        self.register_buffer('running_mean', layer.running_mean.clone() if uses_bn else None)
+        self.register_buffer('running_var', layer.running_var.clone() if uses_bn else None)
+
+    def _statistic(self, x: Tensor, source: str, running: Optional[Tensor], var: bool) -> Tensor:
+        if source == 'bn':
+            return _per_channel(running, x)
+        dims = tuple(range(2 if source == 'in' else 1, x.dim()))
+        if var:
+            return x.var(dims, unbiased=False, keepdim=True)
+        return x.mean(dims, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        mean = self._statistic(y, self.mean_from, self.running_mean, var=False)
+        var = self._statistic(y, self.var_from, self.running_var, var=True)
+        y = (y - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * _per_channel(self.weight, y) + _per_channel(self.bias, y)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'mean_from={self.mean_from!r}, var_from={self.var_from!r}, eps={self.eps}'
+
+
+def _per_channel(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape((1, -1) + (1,) * (like.dim() - 2)).to(like.dtype)
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: a BN/BN layer with no convolution to fold into."""
+
+    def __init__(self, scale: Tensor, shift: Tensor):
+        super().__init__()
+        self.register_buffer('scale', scale.detach().clone())
+        self.register_buffer('shift', shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * _per_channel(self.scale, x) + _per_channel(self.shift, x)
+
+
+def _bn_affine(layer: _SwitchNorm) -> Tuple[Tensor, Tensor]:
+    scale = torch.rsqrt(layer.running_var.float() + layer.eps)
+    shift = -layer.running_mean.float() * scale
+    if layer.weight is not None:
+        scale, shift = scale * layer.weight.float(), shift * layer.weight.float() + layer.bias.float()
+    return scale, shift
+
+
+@torch.no_grad()
+def _fold_into_conv(conv: nn.Conv2d, scale: Tensor, shift: Tensor) -> None:
+    conv.weight.mul_(scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+
+
+@torch.no_grad()
+def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
+    """Rewrites the SN layers with one-hot ratios of an eval ``model``, in place.
+
+    BN/BN layers right after a convolution (in their parent's child order, as mmcv's
+    ``fuse_conv_bn`` assumes) are folded into it and become ``nn.Identity``; other BN/BN
+    layers become :class:`ChannelAffine`; the rest :class:`HardSwitchNorm`. Layers with
+    soft ratios, SyncSN in training and SW layers are left as they are.
+
+    Returns:
+        dict: ``{layer: what it became}``.
+    """
+    done = OrderedDict()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        previous = None
+        for name, child in list(parent.named_children()):
+            path = f'{prefix}{name}'
+            choice = hard_choice(child) if isinstance(child, _SwitchNorm) else None
+            if choice is not None:
+                if choice == ('bn', 'bn') and child.using_bn:
+                    scale, shift = _bn_affine(child)
+                    if (isinstance(previous, nn.modules.conv._ConvNd) and not previous.transposed
+                            and previous.groups == 1 and previous.out_channels == scale.numel()):
+                        _fold_into_conv(previous, scale, shift)
+                        setattr(parent, name, nn.Identity())
+                        done[path] = 'folded into the preceding conv'
+                    else:
+                        setattr(parent, name, ChannelAffine(scale, shift))
+                        done[path] = 'per-channel affine'
+                else:
+                    setattr(parent, name, HardSwitchNorm(child, *choice))
+                    done[path] = f'mean from {choice[0].upper()}, variance from {choice[1].upper()}'
+            else:
+                visit(child, f'{path}.')
+            previous = child
+    if model.training:
+        raise ValueError('model: expected a model in eval mode (deployment folds running '
+                         'statistics), got one in training mode')
+    visit(model, '')
+    return done

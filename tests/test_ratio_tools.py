@@ -1,0 +1,227 @@
+"""What SN learns, seen and used: ratio hook and plots, batch-average statistics, hard ratios
+and their deployment."""
+import copy
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmsn import SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm
+from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
+from mmsn.batch_average import batch_average_statistics
+from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, harden_ratios,
+                         harden_state_dict)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def test_ratio_scalars_and_divergence():
+    layer = SwitchNorm2d(4)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    ratios = model_ratios(torch.nn.Sequential(layer))
+    assert list(ratios) == ['0'] and ratios['0']['statistics'] == ['in', 'ln', 'bn']
+    scalars = ratio_scalars(ratios)
+    assert scalars['ratios/0/mean_in'] == pytest.approx(F.softmax(torch.tensor([2., 0, -1]),
+                                                                  0)[0].item())
+    assert scalars['ratios/0/var_bn'] == pytest.approx(1 / 3)
+    p, q = [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]
+    expected = sum(a * torch.log(torch.tensor(a / b)) + b * torch.log(torch.tensor(b / a))
+                   for a, b in zip(p, q))
+    assert symmetric_kl(p, q) == pytest.approx(expected.item()) and symmetric_kl(p, p) == 0
+
+
+def batches(seed, count, channels=8):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, channels, 5, 4, generator=generator) * (i + 1) + i
+            for i in range(count)]
+
+
+def test_batch_average_gives_the_exact_average_of_batch_statistics():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), SwitchNorm2d(16),
+                                SwitchWhiten2d(16, num_pergroup=8, sw_type=5))
+    data = batches(0, 5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    used = batch_average_statistics(model, data, model, num_batches=4)
+    assert used == 4 and model.training and model[1].momentum == 0.1
+    sn_copy = copy.deepcopy(model[1]).train()  # SN in train mode, as during averaging
+    with torch.no_grad():
+        sn_input = [model[0](x) for x in data[:4]]
+        sw_input = [sn_copy(f) for f in sn_input]
+    means = torch.stack([f.mean((0, 2, 3)) for f in sn_input])
+    variances = torch.stack([f.var((0, 2, 3), unbiased=True) for f in sn_input])
+    torch.testing.assert_close(model[1].running_mean, means.mean(0))
+    torch.testing.assert_close(model[1].running_var, variances.mean(0))
+    groups = [f.reshape(3, 2, 8, -1).permute(1, 2, 0, 3).reshape(2, 8, -1) for f in sw_input]
+    sw_means = torch.stack([g.mean(-1, keepdim=True) for g in groups])
+    sw_covs = torch.stack([torch.stack([torch.cov(group) for group in g]) for g in groups])
+    torch.testing.assert_close(model[2].running_mean, sw_means.mean(0))
+    torch.testing.assert_close(model[2].running_cov, sw_covs.mean(0), rtol=1e-4, atol=1e-5)
+    for key, value in before.items():  # weights and ratios untouched
+        if not key.split('.')[-1].startswith(('running', 'num_batches')):
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def _average_on_ranks(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    layer = SwitchNorm2d(8)
+    batch_average_statistics(layer, batches(rank, 3), layer)
+    torch.save((layer.running_mean, layer.running_var), f'{out}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_batch_average_is_reduced_over_processes(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_average_on_ranks, args=(2, port, str(tmp_path / 'stats')),
+                                nprocs=2, join=True)
+    local = []
+    for rank in range(2):
+        layer = SwitchNorm2d(8)
+        batch_average_statistics(layer, batches(rank, 3), layer)
+        local.append((layer.running_mean, layer.running_var))
+    for rank in range(2):
+        mean, var = torch.load(tmp_path / f'stats.{rank}')
+        torch.testing.assert_close(mean, (local[0][0] + local[1][0]) / 2)
+        torch.testing.assert_close(var, (local[0][1] + local[1][1]) / 2)
+
+
+def test_hard_ratios_are_one_hot_and_get_no_gradient():
+    torch.manual_seed(0)
+    layer = SwitchNorm2d(4)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.1, 0.9, 0.3]))
+        layer.var_weight.copy_(torch.tensor([1.0, -1.0, 2.0]))
+    hard = harden_state_dict(layer.state_dict())
+    layer.load_state_dict(hard)
+    mean, var = layer.ratios()
+    assert mean.tolist() == [0.0, 1.0, 0.0] and var.tolist() == [0.0, 0.0, 1.0]
+    layer(torch.randn(2, 4, 3, 3)).square().sum().backward()
+    assert torch.equal(layer.mean_weight.grad, torch.zeros(3))
+    assert torch.equal(layer.var_weight.grad, torch.zeros(3))
+
+
+def resnet18_sn(norm='SN'):
+    pytest.importorskip('mmdet')
+    from mmengine.registry import MODELS, init_default_scope
+    import mmsn  # noqa: F401
+    init_default_scope('mmdet')
+    return MODELS.build(dict(type='ResNet', depth=18, base_channels=16,
+                             norm_cfg=dict(type=norm), init_cfg=None))
+
+
+@pytest.mark.parametrize('norm', ['SN', 'SyncSN'])
+def test_deployed_model_equals_the_hard_ratio_model(norm):
+    torch.manual_seed(0)
+    model = resnet18_sn(norm)
+    layers = [m for m in model.modules() if isinstance(m, SwitchNorm2d)
+              or isinstance(m, SyncSwitchNorm)]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_(0, 0.2)
+            layer.running_mean.normal_(0, 0.2)
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.mean_weight.normal_()
+            layer.var_weight.normal_()
+            if i % 3 == 0:  # a third of the layers pick BN for both
+                layer.mean_weight[2] = layer.var_weight[2] = 10.0
+    choices = harden_ratios(model)
+    assert sum(c == ('bn', 'bn') for c in choices.values()) >= len(layers) // 3
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match='eval mode'):
+        deploy_hard_switchable(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SwitchNorm2d(4)))
+    done = deploy_hard_switchable(model)
+    assert len(done) == len(layers)
+    remaining = [m for m in model.modules() if isinstance(m, (SwitchNorm2d, SyncSwitchNorm))]
+    assert not remaining
+    folded = [k for k, v in done.items() if v.startswith('folded')]
+    assert folded and isinstance(model.get_submodule(folded[0]), torch.nn.Identity)
+    assert any(isinstance(m, HardSwitchNorm) for m in model.modules())
+    with torch.no_grad():
+        got = model(x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_affine_without_a_preceding_conv():
+    layer = SwitchNorm2d(4)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([-9.0, -9.0, 9.0]))
+        layer.var_weight.copy_(torch.tensor([-9.0, -9.0, 9.0]))
+        layer.running_mean.normal_()
+    model = torch.nn.Sequential(torch.nn.ReLU(), layer)
+    harden_ratios(model)
+    model.eval()
+    x = torch.randn(2, 4, 3, 3)
+    expected = model(x)
+    deploy_hard_switchable(model)
+    assert isinstance(model[1], ChannelAffine)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_hooks_under_a_runner_and_the_plot_tool(tmp_path):
+    pytest.importorskip('mmseg')
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from mmsn.demo.shapes import make_shapes_dataset
+    data_root = str(tmp_path / 'shapes')
+    make_shapes_dataset(data_root, num_train=8, num_val=4)
+    cfg = Config.fromfile(osp.join(ROOT, 'configs/demo/fcn_r18-sn_shapes.py'))
+    cfg.work_dir = str(tmp_path / 'work')
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root + '/'
+        cfg[loader].batch_size = 2
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=4, val_interval=4)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=4, by_epoch=False)
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    cfg.log_processor = dict(by_epoch=False)
+    cfg.custom_hooks = [dict(type='SwitchableRatioHook', interval=2),
+                        dict(type='BatchAverageHook', num_batches=3)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    model = runner.model
+    layers = [m for m in model.modules() if isinstance(m, SwitchNorm2d)]
+    assert len(layers) == 25
+    # validation ran after the batch average over 3 batches (cumulative counter restarted)
+    assert all(int(m.num_batches_tracked) == 3 for m in layers)
+    scalar_files = list((tmp_path / 'work').glob('*/vis_data/scalars.json'))
+    records = [json.loads(line) for line in scalar_files[0].read_text().splitlines()]
+    logged = [r for r in records if 'ratios/backbone.stem.1/mean_in' in r]
+    assert [r['step'] for r in logged] == [2, 4]
+    checkpoint = torch.load(tmp_path / 'work' / 'iter_4.pth', weights_only=False)
+    assert len(checkpoint['meta']['switchable_ratios']) == 25
+    out = tmp_path / 'plots'
+    run = subprocess.run([sys.executable, osp.join(ROOT, 'tools/analysis_tools/plot_ratios.py'),
+                          str(tmp_path / 'work'), '--out-dir', str(out)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert '25 layers from' in run.stdout
+    from PIL import Image
+    for name in ('ratios', 'divergence', 'ratio_curves'):
+        with Image.open(out / f'{name}.png') as image:
+            image.verify()
+        assert (out / f'{name}.svg').read_text().lstrip().startswith('<?xml')
+    hard = tmp_path / 'hard.pth'
+    run = subprocess.run([sys.executable, osp.join(ROOT, 'tools/analysis_tools/harden_ratios.py'),
+                          str(tmp_path / 'work' / 'iter_4.pth'), str(hard)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    state = torch.load(hard, weights_only=False)['state_dict']
+    logits = state['backbone.stem.1.mean_weight']
+    assert sorted(F.softmax(logits, 0).tolist()) == [0.0, 0.0, 1.0]

@@ -1,0 +1,43 @@
+"""Make the SN/SW ratios of a checkpoint one-hot (argmax per layer, mean and variance
+separately), for finetuning with hard ratios (SN paper Table 3) or for deployment.
+
+    python tools/analysis_tools/harden_ratios.py CKPT OUT
+"""
+import argparse
+import sys
+
+import torch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('checkpoint')
+    parser.add_argument('out')
+    args = parser.parse_args(argv)
+    from mmsn.analysis import ratios_from_state_dict
+    from mmsn.deploy import harden_state_dict
+    checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=False)
+    key = 'state_dict' if 'state_dict' in checkpoint else None
+    state = checkpoint[key] if key else checkpoint
+    hard = harden_state_dict(state)
+    ratios = ratios_from_state_dict(hard)
+    if not ratios:
+        print(f'{args.checkpoint}: no SN/SW layers found', file=sys.stderr)
+        return 1
+    for layer, entry in ratios.items():
+        names = entry['statistics']
+        mean = names[max(range(len(names)), key=entry['mean'].__getitem__)]
+        var = names[max(range(len(names)), key=entry['var'].__getitem__)]
+        print(f'{layer:<48} mean from {mean.upper():<3} variance from {var.upper()}')
+    output = dict(checkpoint, state_dict=hard) if key else hard
+    if key:
+        output.setdefault('meta', {})['hard_ratios'] = True
+        output.pop('optimizer', None)  # its momentum buffers belong to the soft logits
+        output.get('meta', {}).pop('switchable_ratios', None)
+    torch.save(output, args.out)
+    print(f'wrote {args.out}: {len(ratios)} layers with one-hot ratios')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
