@@ -7,6 +7,15 @@ import torch.nn.functional as F
 
 from .layers import SN_STATISTICS
 from .ops import SW_STATISTICS
+from .ops.sparsestmax import sparsestmax
+
+
+def ssn_ratios(logits: torch.Tensor, fixed: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Ratios of an SSN layer from its tensors: once fixed the release stores
+    probabilities, else logits that sparsestmax maps to ratios at the current radius."""
+    if bool(fixed.reshape(-1)[0]):
+        return logits.double()
+    return sparsestmax(logits.double(), float(radius.reshape(-1)[0]))
 
 #: (mean logits key, variance logits key) of each layer kind, as in the authors' releases.
 _LOGIT_KEYS = (('mean_weight', 'var_weight'), ('sw_mean_weight', 'sw_var_weight'))
@@ -30,9 +39,13 @@ def ratios_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, 
                 names = SN_STATISTICS[:value.numel()]
             else:
                 names = SW_STATISTICS[value.numel()]
-            layers[prefix] = dict(statistics=list(names),
-                                  mean=F.softmax(value.double(), 0).tolist(),
-                                  var=F.softmax(var_logits.double(), 0).tolist())
+            if f'{prefix}.radius' in state_dict:  # SSN: sparsestmax, or fixed probabilities
+                radius = state_dict[f'{prefix}.radius']
+                mean = ssn_ratios(value, state_dict[f'{prefix}.mean_fixed'], radius)
+                var = ssn_ratios(var_logits, state_dict[f'{prefix}.var_fixed'], radius)
+            else:
+                mean, var = F.softmax(value.double(), 0), F.softmax(var_logits.double(), 0)
+            layers[prefix] = dict(statistics=list(names), mean=mean.tolist(), var=var.tolist())
     return layers
 
 

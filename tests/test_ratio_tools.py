@@ -225,3 +225,31 @@ def test_hooks_under_a_runner_and_the_plot_tool(tmp_path):
     state = torch.load(hard, weights_only=False)['state_dict']
     logits = state['backbone.stem.1.mean_weight']
     assert sorted(F.softmax(logits, 0).tolist()) == [0.0, 0.0, 1.0]
+
+
+def test_batch_average_tool_on_a_checkpoint(tmp_path):
+    pytest.importorskip('mmseg')
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmsn.demo.shapes import make_shapes_dataset
+    data_root = str(tmp_path / 'shapes')
+    make_shapes_dataset(data_root, num_train=6, num_val=2)
+    config = osp.join(ROOT, 'configs/demo/fcn_r18-sn_shapes.py')
+    init_default_scope('mmseg')
+    model = MODELS.build(Config.fromfile(config).model)
+    torch.save(dict(state_dict=model.state_dict(), meta={}), tmp_path / 'in.pth')
+    options = [f'{loader}.dataset.data_root={data_root}/' for loader in
+               ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    options += ['train_dataloader.batch_size=2']
+    run = subprocess.run([sys.executable, osp.join(ROOT, 'tools/analysis_tools/batch_average.py'),
+                          config, str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth'),
+                          '--num-batches', '2', '--work-dir', str(tmp_path / 'work'),
+                          '--cfg-options'] + options, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'over 2 batches' in run.stdout
+    out = torch.load(tmp_path / 'out.pth', weights_only=False)
+    before = model.state_dict()
+    changed = [k for k, v in out['state_dict'].items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+                           for k in changed)
+    assert int(out['state_dict']['backbone.stem.1.num_batches_tracked']) == 2

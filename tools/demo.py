@@ -86,6 +86,11 @@ def main():
             json.dump(ratios, f, indent=1)
         print(f'[demo] {task}: learned SN ratios of {len(ratios)} layers -> {ratio_file}')
         print(format_ratio_table(ratios, max_rows=12))
+        plots = osp.join(work_dir, 'ratio_plots')
+        subprocess.run([sys.executable, 'tools/analysis_tools/plot_ratios.py', work_dir,
+                        '--out-dir', plots], check=True, stdout=subprocess.DEVNULL)
+        print(f'[demo] {task}: ratio figures (bars, curves over training, divergence) in '
+              f'{plots}')
         summary[task] = dict({wanted[k]: metrics[k] for k in wanted},
                              minutes=(time.time() - start) / 60)
 

@@ -68,3 +68,5 @@ default_hooks = dict(
     visualization=dict(type='SegVisualizationHook'))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0)
+# the learned ratios, logged for the plots of tools/analysis_tools/plot_ratios.py
+custom_hooks = [dict(type='SwitchableRatioHook', interval=25)]

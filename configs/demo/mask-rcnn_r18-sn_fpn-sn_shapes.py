@@ -86,3 +86,5 @@ log_processor = dict(type='LogProcessor', window_size=25, by_epoch=False)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))  # tools/ pick nccl themselves on GPUs
 randomness = dict(seed=0)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
+# the learned ratios, logged for the plots of tools/analysis_tools/plot_ratios.py
+custom_hooks = [dict(type='SwitchableRatioHook', interval=25)]

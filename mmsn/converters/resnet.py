@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..ops.sparsestmax import sparsestmax
+from ..analysis import ssn_ratios
 
 #: (blocks per stage, bottleneck) -> depth, for the ResNet v1 depths mmdet and mmseg build.
 _DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
@@ -165,14 +165,6 @@ def _ratio_logits(probabilities: Tensor) -> Tensor:
                        torch.full_like(probabilities, ZERO_RATIO_LOGIT))
 
 
-def ssn_ratios(logits: Tensor, fixed: Tensor, radius: Tensor) -> Tensor:
-    """Ratios of an SSN layer: once fixed the release stores probabilities, else logits
-    that sparsestmax maps to ratios at the current radius."""
-    if bool(fixed.reshape(-1)[0]):
-        return logits.double()
-    return sparsestmax(logits.double(), float(radius.reshape(-1)[0]))
-
-
 def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
                   dst: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """Converts one norm layer.
@@ -181,8 +173,8 @@ def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
         (tensors by destination name, {source name: (destination name, note)}).
     """
     out, used = OrderedDict(), OrderedDict()
-    faithful = {('SN', 'SN'), ('SSN', 'SN'), ('BN', 'SN'), ('BN', 'BN'), ('SW', 'SW'),
-                ('BN', 'SW')}
+    faithful = {('SN', 'SN'), ('SSN', 'SSN'), ('SSN', 'SN'), ('BN', 'SN'), ('BN', 'BN'),
+                ('SW', 'SW'), ('BN', 'SW')}
     if (src_kind, dst_kind) not in faithful:
         raise ValueError(f'a {src_kind} layer has no faithful conversion to {dst_kind}')
     for name in ('weight', 'bias'):
@@ -194,9 +186,13 @@ def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
             used['num_batches_tracked'] = ('num_batches_tracked', '')
         else:  # the releases have no counter: a fresh one
             out['num_batches_tracked'] = torch.zeros_like(dst['num_batches_tracked'])
-    if dst_kind in ('SN', 'BN') and 'running_mean' in src:
+    if dst_kind in ('SN', 'SSN', 'BN') and 'running_mean' in src:
         for name in ('running_mean', 'running_var'):
             out[name], used[name] = _reshaped(src[name], dst[name]), (name, '')
+    if dst_kind == 'SSN':  # the release's buffers as they are
+        for name in ('mean_weight', 'var_weight', 'mean_fixed', 'var_fixed', 'radius'):
+            out[name] = _reshaped(src[name], dst[name])
+            used[name] = (name, '')
     if dst_kind == 'SN':
         if src_kind == 'BN':  # uniform ratios, as a freshly built SN
             out['mean_weight'] = torch.ones_like(dst['mean_weight'])
@@ -236,7 +232,7 @@ def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
 
 def _destination_config(depth: int, src_kinds: Dict[str, str],
                         sw_layers: Optional[Union[str, Sequence[str]]], sw_type: int,
-                        num_pergroup: int, state: Dict[str, Tensor]) -> dict:
+                        num_pergroup: int, state: Dict[str, Tensor], ssn_as_sn: bool) -> dict:
     kinds = set(src_kinds.values())
     sn_kinds = kinds & {'SN', 'SSN'}
     sw_state = {}
@@ -261,7 +257,7 @@ def _destination_config(depth: int, src_kinds: Dict[str, str],
                                                                                       depth):
                 config['sw_layers'] = name
         return config
-    norm_cfg = dict(type='SN')
+    norm_cfg = dict(type='SSN' if 'SSN' in kinds and not ssn_as_sn else 'SN')
     logits = [p['mean_weight'] for p in group_modules(state).values() if 'mean_weight' in p]
     if logits and logits[0].numel() == 2:  # the (8,1) model: using_bn=False
         norm_cfg['using_bn'] = False
@@ -281,7 +277,7 @@ def build_destination(config: dict):
 
 
 def convert_resnet(state: Dict[str, Tensor], sw_layers: Optional[Union[str, Sequence[str]]]
-                   = None, sw_type: int = 2, num_pergroup: int = 16):
+                   = None, sw_type: int = 2, num_pergroup: int = 16, ssn_as_sn: bool = False):
     """Converts a ResNet v1 state dict (prefixes already stripped).
 
     Args:
@@ -289,6 +285,8 @@ def convert_resnet(state: Dict[str, Tensor], sw_layers: Optional[Union[str, Sequ
         sw_layers: SW placement of the destination ('imagenet', 'segmentation' or paths).
             Default: the source's own SW layers (SW sources), none otherwise (SN).
         sw_type, num_pergroup: SW layers made from BN layers of a BN source.
+        ssn_as_sn: SSN sources become SN layers whose softmax gives the SSN ratios (instead
+            of SSN layers, the default).
 
     Returns:
         (state dict in the destination's order, backbone config, report lines of
@@ -299,7 +297,8 @@ def convert_resnet(state: Dict[str, Tensor], sw_layers: Optional[Union[str, Sequ
         left unfilled, and every shape mismatch.
     """
     depth, src_kinds = infer_architecture(state)
-    config = _destination_config(depth, src_kinds, sw_layers, sw_type, num_pergroup, state)
+    config = _destination_config(depth, src_kinds, sw_layers, sw_type, num_pergroup, state,
+                                 ssn_as_sn)
     template = build_destination(config).state_dict()
     dst_modules = group_modules(template)
     dst_kinds = OrderedDict()
@@ -351,7 +350,7 @@ def convert_resnet(state: Dict[str, Tensor], sw_layers: Optional[Union[str, Sequ
 
 
 def convert_checkpoint(src: str, dst: str, sw_layers=None, sw_type: int = 2,
-                       num_pergroup: int = 16, log=print) -> dict:
+                       num_pergroup: int = 16, ssn_as_sn: bool = False, log=print) -> dict:
     """Converts the file ``src`` and writes an mmengine checkpoint to ``dst`` (only when the
     conversion is complete). Prints one line per source tensor through ``log``.
 
@@ -361,7 +360,8 @@ def convert_checkpoint(src: str, dst: str, sw_layers=None, sw_type: int = 2,
     state, warnings = load_source(src)
     for warning in warnings:
         log(f'warning: {warning}')
-    converted, config, report = convert_resnet(state, sw_layers, sw_type, num_pergroup)
+    converted, config, report = convert_resnet(state, sw_layers, sw_type, num_pergroup,
+                                               ssn_as_sn)
     src_kinds = infer_architecture(state)[1]
     dropped = {key: note for key, _, target, note in report if target is None}
     width = max(len(key) for key, *_ in report)

@@ -3,6 +3,7 @@ from typing import Optional, Type
 
 from torch import nn
 
+from .sparse_switch_norm import SparseSwitchNorm2d
 from .switch_norm import SwitchNorm2d, SyncSwitchNorm, _SwitchNorm
 from .switch_whiten import SwitchWhiten2d, SyncSwitchWhiten2d
 
@@ -42,7 +43,8 @@ def convert_sync_sn(module: nn.Module, group: Optional[object] = None) -> nn.Mod
         layer that had to be replaced).
     """
     def replace(m):
-        if isinstance(m, _SwitchNorm) and not isinstance(m, SyncSwitchNorm):
+        if isinstance(m, _SwitchNorm) and not isinstance(m, (SyncSwitchNorm, SparseSwitchNorm2d)):
+            # (SSN has no synchronized form yet: it stays local)
             new = _rebuild(m, SyncSwitchNorm, _SN_ARGS, group=group)
             new._reverted_cls = type(m)
             return new

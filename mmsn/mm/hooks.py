@@ -1,4 +1,6 @@
-"""mmengine hooks: ratio logging and batch-average inference statistics."""
+"""mmengine hooks: ratio logging, batch-average inference statistics, the SSN radius."""
+from typing import Optional
+
 
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
@@ -66,11 +68,46 @@ class BatchAverageHook(Hook):
             self.average(runner)
 
 
+class SSNRadiusHook(Hook):
+    """Grows the sparsestmax radius of every SSN layer linearly from 0 at ``begin`` to
+    ``max_radius`` at ``end`` (iterations; default: the whole training) and freezes the
+    ratios that have become one-hot, as the SSN paper trains.
+
+    Args:
+        max_radius (float): final radius; 1 (or more than sqrt(2/3)) makes every ratio one-hot.
+        begin (int): iteration where the radius starts growing. Defaults to 0.
+        end (int, optional): iteration where it reaches ``max_radius``. Defaults to max_iters.
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, max_radius: float = 1.0, begin: int = 0, end: Optional[int] = None):
+        if not 0 < max_radius:
+            raise ValueError(f'max_radius: expected a positive float, got {max_radius!r}')
+        if end is not None and end <= begin:
+            raise ValueError(f'end: expected an iteration after begin={begin}, got {end!r}')
+        self.max_radius, self.begin, self.end = float(max_radius), begin, end
+
+    def radius_at(self, iteration: int, max_iters: int) -> float:
+        end = self.end if self.end is not None else max_iters
+        progress = (iteration - self.begin) / max(end - self.begin, 1)
+        return self.max_radius * min(max(progress, 0.0), 1.0)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        from ..layers import SparseSwitchNorm2d
+        radius = self.radius_at(runner.iter, runner.max_iters)
+        model = getattr(runner.model, 'module', runner.model)
+        for module in model.modules():
+            if isinstance(module, SparseSwitchNorm2d):
+                module.radius.fill_(radius)
+                module.fix_one_hot()
+
+
 def register_hooks() -> None:
     """Registers the hooks in mmengine's root HOOKS (idempotent)."""
-    for cls in (SwitchableRatioHook, BatchAverageHook):
+    for cls in (SwitchableRatioHook, BatchAverageHook, SSNRadiusHook):
         if HOOKS.module_dict.get(cls.__name__) is not cls:
             HOOKS.register_module(module=cls)
 
 
-__all__ = ['SwitchableRatioHook', 'BatchAverageHook', 'register_hooks']
+__all__ = ['SwitchableRatioHook', 'BatchAverageHook', 'SSNRadiusHook', 'register_hooks']

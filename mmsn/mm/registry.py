@@ -1,5 +1,5 @@
 """Registration of the layers in mmengine's root MODELS registry."""
-from ..layers import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm, \
+from ..layers import SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm, \
     SyncSwitchWhiten2d
 
 #: Config type names, as mmcv names BN ('BN' = 'BN2d', 'BN1d', 'BN3d', 'SyncBN').
@@ -9,6 +9,7 @@ LAYER_NAMES = {
     'SN2d': SwitchNorm2d,
     'SN3d': SwitchNorm3d,
     'SyncSN': SyncSwitchNorm,
+    'SSN': SparseSwitchNorm2d,
     'SW': SwitchWhiten2d,
     'SyncSW': SyncSwitchWhiten2d,
 }

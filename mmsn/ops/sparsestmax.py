@@ -20,8 +20,8 @@ def sparsestmax(logits: Tensor, radius: float) -> Tensor:
     """Sparsestmax of three logits: the closest point of the simplex at distance at least
     ``radius`` from its centre (radius 0: sparsemax; radius >= sqrt(2/3): one-hot).
 
-    Follows the SSN release exactly (its 1e-6 in the rescaling included), so that converted
-    SSN checkpoints keep their ratios bit for bit in float32.
+    Follows the SSN release (its 1e-6 in the rescaling included), so that converted SSN
+    checkpoints keep their ratios, except at the centre (see below).
     """
     if logits.dim() != 1 or logits.numel() != 3:
         raise ValueError(f'logits: expected a vector of 3 ratio logits, got shape '
@@ -30,7 +30,10 @@ def sparsestmax(logits: Tensor, radius: float) -> Tensor:
     projected = sparsemax(logits)
     centre = 1.0 / 3
     distance = (projected - centre).square().sum().sqrt()
-    if distance >= radius:
+    if distance >= radius or distance < 1e-6:
+        # At the centre (uniform logits, the initialisation) no direction is preferred; the
+        # release divides ~0 by 1e-6 there and returns ratios that do not sum to one. Stay
+        # uniform instead: the gradient through sparsemax moves the logits off the centre.
         return projected
     ratios = radius * (projected - centre) / (distance + 1e-6) + centre
     order = torch.argsort(logits, descending=True)

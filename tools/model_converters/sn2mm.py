@@ -24,6 +24,9 @@ def parse_args(argv=None):
                         help='sw_type of SW layers made from BN layers (default 2)')
     parser.add_argument('--num-pergroup', type=int, default=16,
                         help='channels per group of SW layers made from BN layers (default 16)')
+    parser.add_argument('--ssn-as-sn', action='store_true',
+                        help='SSN sources: SN layers whose softmax gives the sparse ratios '
+                             '(default: SSN layers with the release buffers)')
     return parser.parse_args(argv)
 
 
@@ -33,7 +36,8 @@ def main(argv=None) -> int:
     if sw_layers and ',' in sw_layers:
         sw_layers = [p.strip() for p in sw_layers.split(',') if p.strip()]
     try:
-        convert_checkpoint(args.src, args.dst, sw_layers, args.sw_type, args.num_pergroup)
+        convert_checkpoint(args.src, args.dst, sw_layers, args.sw_type, args.num_pergroup,
+                           args.ssn_as_sn)
     except ConversionError as error:
         print(f'sn2mm: {args.src}: nothing written, {len(error.problems)} problem(s):',
               file=sys.stderr)

@@ -1,0 +1,63 @@
+"""Timing, environment facts and table/CSV output shared by the benchmarks."""
+import csv
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def environment() -> Dict[str, str]:
+    """What a figure was measured on."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, ' \
+                 f'{torch.get_num_threads()} threads)'
+    facts = dict(device=device, torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+        facts['triton'] = triton.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def report(rows: List[Dict[str, object]], csv_path: str, title: str) -> None:
+    """Prints rows as a table (with the environment) and writes them to ``csv_path``."""
+    facts = environment()
+    print(f'# {title}')
+    print('# ' + ', '.join(f'{k}: {v}' for k, v in facts.items()))
+    columns = list(rows[0])
+    widths = [max(len(str(c)), *(len(_fmt(r[c])) for r in rows)) for c in columns]
+    print('  '.join(str(c).ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print('  '.join(_fmt(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    with open(csv_path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns + list(facts))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **facts})
+    print(f'# wrote {csv_path}')
+
+
+def _fmt(value) -> str:
+    return f'{value:.3f}' if isinstance(value, float) else str(value)
