@@ -1,4 +1,5 @@
-"""SyncSN and SyncSW on gloo: every rank's share equals SN/SW run on the concatenated batch."""
+"""SyncSN and SyncSW on gloo: every rank's share equals SN/SW run on the concatenated batch
+(the reference path; SyncSN also on the Triton kernels, against the reference)."""
 import copy
 import os
 import socket
@@ -45,7 +46,9 @@ def make_data(total):
     return x, grad
 
 
-def run_rank(rank, world_size, port, sizes, out_dir):
+def run_rank(rank, world_size, port, sizes, out_dir, backend='torch'):
+    os.environ['MMSN_BACKEND'] = backend  # 'triton' runs the kernels (interpreted on CPU)
+    os.environ.setdefault('TRITON_INTERPRET', '1')
     # A bounded timeout turns a missed collective into an error instead of a hang.
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
@@ -88,10 +91,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
 @pytest.mark.parametrize('sizes', [(1, 4), (2, 0, 3)], ids=['2-ranks', '3-ranks-one-empty'])
-def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, tmp_path):
+def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
+    if backend == 'triton':
+        pytest.importorskip('triton')
     world_size = len(sizes)
-    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path)),
+    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend),
              nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world_size)]
     x_all, grad_all = make_data(sum(sizes))

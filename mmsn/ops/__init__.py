@@ -1,19 +1,49 @@
-"""Functional ops: input checks and backend dispatch for the layers.
+"""Functional ops: backend dispatch for the layers.
 
-Only the pure-PyTorch backend (``reference.py``) exists today; the layers call these entry
-points, not the reference directly, so fused kernels can be dispatched here later without
-touching the modules.
+``switch_norm`` runs on the Triton kernels for CUDA tensors (when triton is installed) and on
+the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` forces the reference,
+``MMSN_BACKEND=triton`` the kernels (with ``TRITON_INTERPRET=1`` they then run on CPU
+tensors, which is how the tests check them without a GPU). ``switch_whiten`` has only the
+reference today.
 """
+import importlib.util
+import os
+
 from .distributed import all_gather_parts, sync_world_size
 from .moments import merge_covariance_moments, merge_moments
 from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton,
                         switch_norm_reference, switch_whiten_reference)
 
-switch_norm = switch_norm_reference
+BACKENDS = ('torch', 'triton')
+
+
+def backend_for(x) -> str:
+    """The backend that ``switch_norm`` uses for ``x`` (see the module docstring)."""
+    forced = os.environ.get('MMSN_BACKEND', '').strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f'MMSN_BACKEND: expected one of {BACKENDS}, got {forced!r}')
+        if forced == 'triton' and importlib.util.find_spec('triton') is None:
+            raise ValueError('MMSN_BACKEND: triton was asked for but is not installed')
+        return forced
+    if x.is_cuda and importlib.util.find_spec('triton') is not None:
+        return 'triton'
+    return 'torch'
+
+
+def switch_norm(x, *args, **kwargs):
+    """Switchable Normalization on the backend :func:`backend_for` picks; arguments as for
+    :func:`~mmsn.ops.reference.switch_norm_reference`."""
+    if backend_for(x) == 'triton':
+        from .triton_switch_norm import switch_norm_triton
+        return switch_norm_triton(x, *args, **kwargs)
+    return switch_norm_reference(x, *args, **kwargs)
+
+
 switch_whiten = switch_whiten_reference
 
 __all__ = [
     'switch_norm', 'switch_whiten', 'switch_norm_reference', 'switch_whiten_reference',
     'inverse_sqrt_newton', 'inverse_sqrt_eigh', 'SW_STATISTICS', 'merge_moments',
-    'merge_covariance_moments', 'all_gather_parts', 'sync_world_size'
+    'merge_covariance_moments', 'all_gather_parts', 'sync_world_size', 'backend_for', 'BACKENDS'
 ]

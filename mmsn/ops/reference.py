@@ -82,6 +82,55 @@ def batch_moments(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
     return mean, m2 / total.clamp(min=1), total
 
 
+def switch_norm_coefficients(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
+                             mean_ratio: Tensor, var_ratio: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], running_mean: Optional[Tensor],
+                             running_var: Optional[Tensor],
+                             num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
+                             momentum: Optional[float], eps: float,
+                             process_group: Optional[object] = None,
+                             sync: bool = False) -> Tuple[Tensor, Tensor]:
+    """SN's per-(n, c) affine map from the instance moments: ``y = x * scale + shift``.
+
+    The small step between the statistics pass and the normalize pass, shared by the
+    reference and the kernels: LN moments pooled over C, BN moments over N (synchronized
+    when asked, running buffers updated in training), the mixes, the affine parameters.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``scale`` and ``shift``, ``(N, C)`` in the statistics dtype.
+    """
+    num_samples = mean_in.shape[0]
+    has_bn = mean_ratio.numel() == 3
+    mean_ln, var_ln = pooled_moments(mean_in, var_in, 1) if num_samples else (mean_in, var_in)
+    mean_ratio = mean_ratio.to(mean_in.dtype)
+    var_ratio = var_ratio.to(mean_in.dtype)
+    mean = mean_ratio[0] * mean_in + mean_ratio[1] * mean_ln
+    var = var_ratio[0] * var_in + var_ratio[1] * var_ln
+    if has_bn:
+        if use_batch_stats:
+            mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance,
+                                                   process_group, sync)
+            if running_mean is not None and count.item() > 0:
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                update_running(running_mean, mean_bn, momentum, num_batches_tracked)
+                update_running(running_var, var_bn * unbiased_scale(count), momentum,
+                               num_batches_tracked)
+        else:
+            if running_mean is None:
+                raise ValueError('use_batch_stats=False needs running_mean and running_var')
+            mean_bn, var_bn = running_mean.to(mean_in.dtype), running_var.to(mean_in.dtype)
+        mean = mean + mean_ratio[2] * mean_bn
+        var = var + var_ratio[2] * var_bn
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return scale, shift
+
+
 def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
                           weight: Optional[Tensor], bias: Optional[Tensor],
                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -112,36 +161,11 @@ def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
         Tensor: the normalized input, same shape, dtype and memory format as ``x``.
     """
     num_samples, channels = x.shape[:2]
-    has_bn = mean_ratio.numel() == 3
-    numel_per_instance = math.prod(x.shape[2:])
     mean_in, var_in = instance_moments(x)
-    mean_ln, var_ln = pooled_moments(mean_in, var_in, 1) if num_samples else (mean_in, var_in)
-    mean_ratio = mean_ratio.to(mean_in.dtype)
-    var_ratio = var_ratio.to(mean_in.dtype)
-    mean = mean_ratio[0] * mean_in + mean_ratio[1] * mean_ln
-    var = var_ratio[0] * var_in + var_ratio[1] * var_ln
-    if has_bn:
-        if use_batch_stats:
-            mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance,
-                                                   process_group, sync)
-            if running_mean is not None and count.item() > 0:
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
-                update_running(running_mean, mean_bn, momentum, num_batches_tracked)
-                update_running(running_var, var_bn * unbiased_scale(count), momentum,
-                               num_batches_tracked)
-        else:
-            if running_mean is None:
-                raise ValueError('use_batch_stats=False needs running_mean and running_var')
-            mean_bn, var_bn = running_mean.to(mean_in.dtype), running_var.to(mean_in.dtype)
-        mean = mean + mean_ratio[2] * mean_bn
-        var = var + var_ratio[2] * var_bn
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
+    scale, shift = switch_norm_coefficients(
+        mean_in, var_in, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
+        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps,
+        process_group, sync)
     view = (num_samples, channels) + (1,) * (x.dim() - 2)
     # One pass over x: y = x * scale + shift, computed in the statistics dtype.
     y = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))

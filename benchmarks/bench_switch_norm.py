@@ -1,0 +1,119 @@
+"""Forward, backward and both for SN: mmsn's Triton kernels, mmsn's PyTorch reference,
+cuDNN BatchNorm2d and GroupNorm(32), over the ResNet-50 norm shapes, measured in one run.
+
+    python benchmarks/bench_switch_norm.py [--batches 2 8 32] [--dtypes float32 bfloat16]
+        [--layouts nchw channels_last] [--csv PATH] [--quick]
+
+Reports ms, effective bandwidth (the minimal bytes: forward reads x and writes y, backward
+reads x and dy and writes dx) and its fraction of the measured copy bandwidth, peak memory,
+and each time as a ratio to BatchNorm2d in the same run. Needs only torch (+ triton).
+"""
+import argparse
+import os.path as osp
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from common import measure, report  # noqa: E402
+
+# (channels, height, width) of the norm layers of ResNet-50 at 224x224, one per distinct shape
+RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
+                   (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
+                   (512, 7, 7), (2048, 7, 7)]
+
+
+def copy_bandwidth(device) -> float:
+    """GB/s of a large device copy (read + write)."""
+    x = torch.empty(256 * 2 ** 20 // 4, device=device)
+    y = torch.empty_like(x)
+    ms = measure(lambda: y.copy_(x), repeats=10)
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def layers(channels, device, dtype, backends):
+    import mmsn
+    made = {}
+    for name in backends:
+        if name in ('mmsn-triton', 'mmsn-torch'):
+            made[name] = (mmsn.SwitchNorm2d(channels), name.split('-')[1])
+        elif name == 'BatchNorm2d':
+            made[name] = (nn.BatchNorm2d(channels), None)
+        elif name == 'GroupNorm32':
+            made[name] = (nn.GroupNorm(32, channels), None)
+    for layer, _ in made.values():
+        layer.to(device)
+    return made
+
+
+def time_layer(layer, backend, x, what):
+    import os
+    if backend:
+        os.environ['MMSN_BACKEND'] = backend
+    grad = torch.randn_like(x)
+    xg = x.detach().requires_grad_()
+
+    def forward():
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+            return layer(xg)
+
+    if what == 'forward':
+        fn = forward
+    elif what == 'backward':
+        y = forward()
+        fn = lambda: torch.autograd.grad(y, xg, grad, retain_graph=True)  # noqa: E731
+    else:
+        fn = lambda: torch.autograd.grad(forward(), xg, grad)  # noqa: E731
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ms = measure(fn)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if x.is_cuda else float('nan')
+    os.environ.pop('MMSN_BACKEND', None)
+    return ms, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batches', type=int, nargs='+', default=[2, 8, 32])
+    parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
+    parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'])
+    parser.add_argument('--csv', default='benchmarks/results/switch_norm.csv')
+    parser.add_argument('--quick', action='store_true', help='3 shapes, N=2, for a smoke run')
+    args = parser.parse_args(argv)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    backends = ['mmsn-torch', 'BatchNorm2d', 'GroupNorm32']
+    if device == 'cuda':
+        backends.insert(0, 'mmsn-triton')  # (interpreted Triton on the CPU is not a timing)
+    shapes = RESNET50_SHAPES[::4] if args.quick else RESNET50_SHAPES
+    batches = [2] if args.quick else args.batches
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for layout in args.layouts:
+            for n in batches:
+                for c, h, w in shapes:
+                    x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+                    if layout == 'channels_last':
+                        x = x.to(memory_format=torch.channels_last)
+                    bn_ms = {}
+                    for name, (layer, backend) in layers(c, device, dtype, backends).items():
+                        for what in ('forward', 'backward', 'forward+backward'):
+                            ms, peak = time_layer(layer, backend, x, what)
+                            passes = {'forward': 2, 'backward': 3, 'forward+backward': 5}[what]
+                            gbps = passes * x.numel() * x.element_size() / ms / 1e6
+                            if name == 'BatchNorm2d':
+                                bn_ms[what] = ms
+                            rows.append(dict(op=name, pass_=what, dtype=dtype_name,
+                                             layout=layout, shape=f'{n}x{c}x{h}x{w}', ms=ms,
+                                             GBps=gbps, copy_fraction=gbps / bandwidth,
+                                             peak_MiB=peak))
+                    for row in rows[-len(backends) * 3:]:
+                        row['vs_BN'] = row['ms'] / bn_ms[row['pass_']]
+    report(rows, args.csv, f'SN layer benchmark (copy bandwidth {bandwidth:.0f} GB/s)')
+
+
+if __name__ == '__main__':
+    main()

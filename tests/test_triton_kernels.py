@@ -1,0 +1,135 @@
+"""SN on the Triton kernels against the PyTorch reference, forward and backward (x, weight,
+bias, both ratio logits, running statistics), per dtype, over odd shapes and layouts.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), so shapes are small. Tolerances: float64 1e-10 (the same maths);
+float32 1e-4 relative to the output scale (summation order differs); float16/bfloat16
+outputs within one unit in the last place of the output dtype plus float32 noise, as both
+paths compute in float32 and round once.
+"""
+import copy
+
+import pytest
+import torch
+
+from mmsn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm
+from mmsn.ops import backend_for
+
+pytest.importorskip('triton')
+
+TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
+              torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def random_layer(cls, channels, using_bn=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = cls(channels, using_bn=using_bn)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_(0, 0.5)
+        layer.mean_weight.normal_()
+        layer.var_weight.normal_()
+        if using_bn:
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2)
+    return layer.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def run(layer, x, grad, backend, monkeypatch, train=True):
+    monkeypatch.setenv('MMSN_BACKEND', backend)
+    layer.train(train)
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y.float() * grad).sum().backward()
+    result = dict(y=y.detach(), x_grad=x.grad,
+                  buffers={k: v.clone() for k, v in layer.named_buffers()},
+                  grads={k: p.grad.clone() for k, p in layer.named_parameters()})
+    monkeypatch.delenv('MMSN_BACKEND')
+    return result
+
+
+def assert_match(got, want, dtype, what):
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f'{what}: {m}')
+
+
+def compare(layer, x, dtype, monkeypatch, train=True):
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    reference = run(copy.deepcopy(layer), x, grad, 'torch', monkeypatch, train)
+    kernels = run(copy.deepcopy(layer), x, grad, 'triton', monkeypatch, train)
+    assert kernels['y'].dtype == x.dtype and kernels['y'].shape == x.shape
+    assert kernels['y'].stride() == reference['y'].stride()  # memory format kept
+    assert_match(kernels['y'], reference['y'], dtype, 'y')
+    assert_match(kernels['x_grad'], reference['x_grad'], dtype, 'dx')
+    for key, value in reference['grads'].items():
+        # parameter gradients are sums over N*H*W of float32 terms in both paths
+        assert_match(kernels['grads'][key], value, max(dtype, torch.float32, key=_width), key)
+    for key, value in reference['buffers'].items():
+        if value.is_floating_point():
+            assert_match(kernels['buffers'][key], value, max(dtype, torch.float32, key=_width),
+                         key)
+        else:
+            assert torch.equal(kernels['buffers'][key], value), key
+
+
+def _width(dtype):
+    return {torch.float64: 3, torch.float32: 2}.get(dtype, 1)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(3, 5, 7, 7), (1, 6, 1, 1), (2, 3, 5, 9)],
+                         ids=['7x7-C5', '1x1-N1', 'odd'])
+def test_sn_kernels_match_reference(shape, dtype, monkeypatch):
+    layer = random_layer(SwitchNorm2d, shape[1], dtype=dtype)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.5).to(dtype)
+    compare(layer, x, dtype, monkeypatch, train=True)
+    compare(layer, x, dtype, monkeypatch, train=False)  # eval: IN/LN still per sample
+
+
+def test_large_means_channels_last_and_no_bn_branch(monkeypatch):
+    layer = random_layer(SwitchNorm2d, 4)
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(2)) + 1e3
+    # Against float64: E[x^2] - E[x]^2 in float32 would be off by ~6% here; what remains is
+    # the float32 rounding of the mean itself (an ulp of 1e3 is 6e-5).
+    truth = run(copy.deepcopy(layer).double(), x.double(), torch.ones(x.shape), 'torch',
+                monkeypatch)['y']
+    kernels = run(copy.deepcopy(layer), x, torch.ones(x.shape), 'triton', monkeypatch)['y']
+    torch.testing.assert_close(kernels.double(), truth, rtol=1e-3, atol=1e-3)
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(2)) + 0.5
+    compare(layer, x.to(memory_format=torch.channels_last), torch.float32, monkeypatch)
+    compare(random_layer(SwitchNorm2d, 4, using_bn=False), x, torch.float32, monkeypatch)
+
+
+@pytest.mark.parametrize('cls,shape', [(SwitchNorm1d, (4, 3)), (SwitchNorm1d, (2, 3, 10)),
+                                       (SwitchNorm3d, (2, 3, 2, 3, 4)),
+                                       (SyncSwitchNorm, (2, 3, 4, 4))])
+def test_other_ranks_and_sync_fallback(cls, shape, monkeypatch):
+    layer = random_layer(cls, shape[1])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    compare(layer, x, torch.float32, monkeypatch)
+
+
+def test_empty_batch_and_constant_input(monkeypatch):
+    layer = random_layer(SwitchNorm2d, 3)
+    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    empty = torch.zeros(0, 3, 4, 4, requires_grad=True)
+    y = layer(empty)
+    y.sum().backward()
+    assert y.shape == empty.shape and empty.grad.shape == empty.shape
+    constant = torch.full((2, 3, 4, 4), 7.0, requires_grad=True)
+    y = layer(constant)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(constant.grad).all()
+
+
+def test_backend_dispatch(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.delenv('MMSN_BACKEND', raising=False)
+    assert backend_for(x) == 'torch'  # CPU tensors: the reference
+    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    assert backend_for(x) == 'triton'
+    monkeypatch.setenv('MMSN_BACKEND', 'cuda')
+    with pytest.raises(ValueError, match="MMSN_BACKEND: expected one of"):
+        backend_for(x)
