@@ -1,0 +1,118 @@
+"""ResNet-50 training steps with every norm BN, GN(32) or SN, and with BN plus the SW
+release's 7 SW layers: time per step and peak memory, as ratios to BN in the same run.
+
+    python benchmarks/bench_resnet50_step.py [--batch 32] [--size 224] [--csv PATH]
+
+bf16 autocast and channels_last on a GPU; float32 on the CPU. Needs only torch (+ triton):
+the ResNet-50 (v1, torchvision layout) is built here.
+"""
+import argparse
+import os.path as osp
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from common import measure, report  # noqa: E402
+
+STAGES = (3, 4, 6, 3)
+# the SW release's placement: the stem and norm2 of odd-indexed blocks of stages 1-3
+SW7 = {'stem'} | {(s, b, 2) for s, blocks in enumerate(STAGES[:3]) for b in range(1, blocks, 2)}
+
+
+def norm_factory(kind: str):
+    import mmsn
+
+    def make(where, channels):
+        if kind == 'bn' or (kind == 'sw7' and where not in SW7):
+            return nn.BatchNorm2d(channels)
+        if kind == 'gn':
+            return nn.GroupNorm(32, channels)
+        if kind == 'sn':
+            return mmsn.SwitchNorm2d(channels)
+        return mmsn.SwitchWhiten2d(channels, num_pergroup=16, sw_type=2, T=5)
+    return make
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, inplanes, planes, stride, norm, where):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.norm1 = norm(where + (1,), planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.norm2 = norm(where + (2,), planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.norm3 = norm(where + (3,), planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                            norm(where + ('shortcut',), planes * 4))
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.relu(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet50(kind: str) -> nn.Module:
+    norm = norm_factory(kind)
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm('stem', 64), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    inplanes = 64
+    for s, blocks in enumerate(STAGES):
+        for b in range(blocks):
+            planes = 64 * 2 ** s
+            layers.append(Bottleneck(inplanes, planes, 2 if (b == 0 and s) else 1, norm, (s, b)))
+            inplanes = planes * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
+    return nn.Sequential(*layers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--kinds', nargs='+', default=['bn', 'gn', 'sn', 'sw7'])
+    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--csv', default='benchmarks/results/resnet50_step.csv')
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = 'cuda' if cuda else 'cpu'
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    target = torch.randint(0, 1000, (args.batch,), device=device)
+    if cuda:
+        x = x.to(memory_format=torch.channels_last)
+    rows = []
+    for kind in args.kinds:
+        model = resnet50(kind).to(device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ms = measure(step, warmup=3, repeats=args.repeats)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
+        rows.append(dict(model=f'ResNet-50 {kind}', batch=args.batch, size=args.size,
+                         dtype='bf16 autocast' if cuda else 'float32', ms=ms, peak_MiB=peak))
+        del model, optimizer
+    base = next((r for r in rows if r['model'].endswith(' bn')), rows[0])
+    for row in rows:
+        row['time_vs_BN'] = row['ms'] / base['ms']
+        row['memory_vs_BN'] = row['peak_MiB'] / base['peak_MiB'] if cuda else float('nan')
+    report(rows, args.csv, 'ResNet-50 training step')
+
+
+if __name__ == '__main__':
+    main()
