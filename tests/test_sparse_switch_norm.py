@@ -41,11 +41,14 @@ def test_sparsestmax_properties():
                                            atol=1e-4, rtol=0)
 
 
-def test_uniform_logits_stay_uniform_at_any_radius():
+def test_uniform_logits_move_towards_a_vertex():
     # the release divides ~0 by 1e-6 here and returns ratios that do not sum to one
-    for radius in (0.3, 0.6, 1.0):
+    for radius in (0.3, 0.6):
         ratios = sparsestmax(torch.ones(3), radius)
-        assert torch.allclose(ratios, torch.full((3,), 1 / 3)) and abs(ratios.sum() - 1) < 1e-6
+        assert abs(ratios.sum() - 1) < 1e-6 and (ratios >= 0).all()
+        assert abs((ratios - 1 / 3).norm() - radius) < 1e-6 and ratios.argmax() == 0
+    assert sparsestmax(torch.ones(3), 1.0).tolist() == [1.0, 0.0, 0.0]
+    assert torch.allclose(sparsestmax(torch.ones(3), 0.0), torch.full((3,), 1 / 3))
 
 
 def test_ssn_layer_ratios_gradients_and_fixing():
@@ -102,3 +105,32 @@ def test_ssn_in_an_mmdet_backbone():
     outs = model(torch.randn(2, 3, 32, 32))
     sum(o.mean() for o in outs).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_radius_hook_under_a_runner(tmp_path):
+    pytest.importorskip('mmseg')
+    import os.path as osp
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from mmsn.demo.shapes import make_shapes_dataset
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    data_root = str(tmp_path / 'shapes')
+    make_shapes_dataset(data_root, num_train=4, num_val=2)
+    cfg = Config.fromfile(osp.join(root, 'configs/demo/fcn_r18-sn_shapes.py'))
+    cfg.work_dir = str(tmp_path / 'work')
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root + '/'
+        cfg[loader].batch_size = 2
+    cfg.model.backbone.norm_cfg = cfg.model.decode_head.norm_cfg = dict(type='SSN')
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=3, val_interval=100)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100, by_epoch=False)
+    cfg.custom_hooks = [dict(type='SSNRadiusHook', max_radius=1.0, end=2)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    layers = [m for m in runner.model.modules() if isinstance(m, SparseSwitchNorm2d)]
+    assert len(layers) == 25
+    # radius 0, 0.5, then 1 at the last iteration: every ratio one-hot and frozen
+    assert all(float(m.radius) == 1.0 for m in layers)
+    assert all(m.mean_fixed.item() == 1 and m.var_fixed.item() == 1 for m in layers)
+    assert all(sorted(m.ratios()[0].tolist()) == [0.0, 0.0, 1.0] for m in layers)

@@ -30,11 +30,16 @@ def sparsestmax(logits: Tensor, radius: float) -> Tensor:
     projected = sparsemax(logits)
     centre = 1.0 / 3
     distance = (projected - centre).square().sum().sqrt()
-    if distance >= radius or distance < 1e-6:
-        # At the centre (uniform logits, the initialisation) no direction is preferred; the
-        # release divides ~0 by 1e-6 there and returns ratios that do not sum to one. Stay
-        # uniform instead: the gradient through sparsemax moves the logits off the centre.
+    if distance >= radius:
         return projected
+    if distance < 1e-6:
+        # At the centre (uniform logits, the initialisation) no direction is preferred; the
+        # release divides ~0 by 1e-6 there and returns ratios that do not sum to one. Move
+        # towards the vertex of the first largest logit instead (one-hot at radius sqrt(2/3)).
+        vertex = torch.zeros_like(projected)
+        vertex[logits.argmax()] = 1.0
+        step = min(radius / math.sqrt(2.0 / 3), 1.0)
+        return projected + step * (vertex - projected)
     ratios = radius * (projected - centre) / (distance + 1e-6) + centre
     order = torch.argsort(logits, descending=True)
     if ratios[order[2]] < 0:
