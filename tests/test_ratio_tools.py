@@ -174,21 +174,9 @@ def test_channel_affine_without_a_preceding_conv():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_hooks_under_a_runner_and_the_plot_tool(tmp_path):
-    pytest.importorskip('mmseg')
-    from mmengine.config import Config
+def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
     from mmengine.runner import Runner
-    from mmsn.demo.shapes import make_shapes_dataset
-    data_root = str(tmp_path / 'shapes')
-    make_shapes_dataset(data_root, num_train=8, num_val=4)
-    cfg = Config.fromfile(osp.join(ROOT, 'configs/demo/fcn_r18-sn_shapes.py'))
-    cfg.work_dir = str(tmp_path / 'work')
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = data_root + '/'
-        cfg[loader].batch_size = 2
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=4, val_interval=4)
-    cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=4, by_epoch=False)
+    cfg = short_demo_run(max_iters=4, interval=4)
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
     cfg.log_processor = dict(by_epoch=False)
     cfg.custom_hooks = [dict(type='SwitchableRatioHook', interval=2),

@@ -107,24 +107,10 @@ def test_ssn_in_an_mmdet_backbone():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_radius_hook_under_a_runner(tmp_path):
-    pytest.importorskip('mmseg')
-    import os.path as osp
-    from mmengine.config import Config
+def test_radius_hook_under_a_runner(short_demo_run):
     from mmengine.runner import Runner
-    from mmsn.demo.shapes import make_shapes_dataset
-    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    data_root = str(tmp_path / 'shapes')
-    make_shapes_dataset(data_root, num_train=4, num_val=2)
-    cfg = Config.fromfile(osp.join(root, 'configs/demo/fcn_r18-sn_shapes.py'))
-    cfg.work_dir = str(tmp_path / 'work')
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = data_root + '/'
-        cfg[loader].batch_size = 2
+    cfg = short_demo_run(max_iters=3, interval=100, num_train=4, num_val=2)
     cfg.model.backbone.norm_cfg = cfg.model.decode_head.norm_cfg = dict(type='SSN')
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=3, val_interval=100)
-    cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100, by_epoch=False)
     cfg.custom_hooks = [dict(type='SSNRadiusHook', max_radius=1.0, end=2)]
     runner = Runner.from_cfg(cfg)
     runner.train()
