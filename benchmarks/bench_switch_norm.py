@@ -74,18 +74,22 @@ def time_layer(layer, backend, x, what):
     return ms, peak
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(description, argv=None, default_csv='benchmarks/results/switch_norm.csv'):
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--batches', type=int, nargs='+', default=[2, 8, 32])
     parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'])
-    parser.add_argument('--csv', default='benchmarks/results/switch_norm.csv')
+    parser.add_argument('--csv', default=default_csv)
     parser.add_argument('--quick', action='store_true', help='3 shapes, N=2, for a smoke run')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def sweep(args, make_layers, backends, title):
+    """Times every layer of ``make_layers(channels, device, dtype, backends)`` over the
+    shapes, batches, dtypes and layouts of ``args``; prints and writes the table."""
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    backends = ['mmsn-torch', 'BatchNorm2d', 'GroupNorm32']
     if device == 'cuda':
-        backends.insert(0, 'mmsn-triton')  # (interpreted Triton on the CPU is not a timing)
+        backends = ['mmsn-triton'] + backends  # (interpreted Triton on a CPU is no timing)
     shapes = RESNET50_SHAPES[::4] if args.quick else RESNET50_SHAPES
     batches = [2] if args.quick else args.batches
     bandwidth = copy_bandwidth(device)
@@ -99,7 +103,8 @@ def main(argv=None):
                     if layout == 'channels_last':
                         x = x.to(memory_format=torch.channels_last)
                     bn_ms = {}
-                    for name, (layer, backend) in layers(c, device, dtype, backends).items():
+                    made = make_layers(c, device, dtype, backends)
+                    for name, (layer, backend) in made.items():
                         for what in ('forward', 'backward', 'forward+backward'):
                             ms, peak = time_layer(layer, backend, x, what)
                             passes = {'forward': 2, 'backward': 3, 'forward+backward': 5}[what]
@@ -110,9 +115,14 @@ def main(argv=None):
                                              layout=layout, shape=f'{n}x{c}x{h}x{w}', ms=ms,
                                              GBps=gbps, copy_fraction=gbps / bandwidth,
                                              peak_MiB=peak))
-                    for row in rows[-len(backends) * 3:]:
+                    for row in rows[-len(made) * 3:]:
                         row['vs_BN'] = row['ms'] / bn_ms[row['pass_']]
-    report(rows, args.csv, f'SN layer benchmark (copy bandwidth {bandwidth:.0f} GB/s)')
+    report(rows, args.csv, f'{title} (copy bandwidth {bandwidth:.0f} GB/s)')
+
+
+def main(argv=None):
+    args = parse_args(__doc__.split('\n')[0], argv)
+    sweep(args, layers, ['mmsn-torch', 'BatchNorm2d', 'GroupNorm32'], 'SN layer benchmark')
 
 
 if __name__ == '__main__':

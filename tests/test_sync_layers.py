@@ -1,5 +1,5 @@
 """SyncSN and SyncSW on gloo: every rank's share equals SN/SW run on the concatenated batch
-(the reference path; SyncSN also on the Triton kernels, against the reference)."""
+(the reference path; also SyncSN and SyncSW on the Triton kernels, against the reference)."""
 import copy
 import os
 import socket
@@ -14,7 +14,7 @@ from torch import nn
 from mmsn import (SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d,
                   convert_sync_sn, revert_sync_sn)
 
-CHANNELS = 8
+CHANNELS = 16
 
 
 def make_layers():
@@ -27,6 +27,9 @@ def make_layers():
          SyncSwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=2)),
         ('sw5', SwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=5),
          SyncSwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=5)),
+        # 16 channels per group: the size the SW kernels take
+        ('sw5-16', SwitchWhiten2d(CHANNELS, num_pergroup=16, sw_type=5),
+         SyncSwitchWhiten2d(CHANNELS, num_pergroup=16, sw_type=5)),
     ]:
         local = local.double()
         with torch.no_grad():

@@ -1,5 +1,5 @@
-"""SN on the Triton kernels against the PyTorch reference, forward and backward (x, weight,
-bias, both ratio logits, running statistics), per dtype, over odd shapes and layouts.
+"""SN and SW on the Triton kernels against the PyTorch reference, forward and backward (x,
+weight, bias, both ratio logits, running statistics), per dtype, over odd shapes and layouts.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes are small. Tolerances: float64 1e-10 (the same maths);
@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from mmsn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm
+from mmsn import (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm,
+                  SyncSwitchWhiten2d)
 from mmsn.ops import backend_for
 
 pytest.importorskip('triton')
@@ -122,6 +123,53 @@ def test_empty_batch_and_constant_input(monkeypatch):
     y = layer(constant)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(constant.grad).all()
+
+
+def random_whitening(channels, dtype=torch.float32, cls=SwitchWhiten2d, **kwargs):
+    torch.manual_seed(0)
+    layer = cls(channels, num_pergroup=16, **kwargs)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_(0, 0.5)
+        for logits in (layer.sw_mean_weight, layer.sw_var_weight):
+            if logits is not None:
+                logits.normal_()
+        layer.running_mean.normal_()
+        a = torch.randn(layer.running_cov.shape) * 0.3
+        layer.running_cov.copy_(a @ a.transpose(1, 2) + torch.eye(16))
+    return layer.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('sw_type', [2, 3, 5])
+def test_sw_kernels_match_reference(sw_type, dtype, monkeypatch):
+    layer = random_whitening(32, dtype, sw_type=sw_type)
+    x = (torch.randn(3, 32, 5, 7, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    compare(layer, x, dtype, monkeypatch, train=True)
+    compare(layer, x, dtype, monkeypatch, train=False)
+
+
+@pytest.mark.parametrize('case', ['1x1-N1', 'channels_last', 'tie_weight', 'sync-fallback',
+                                  'group32', 'large-mean'])
+def test_sw_kernels_odd_cases(case, monkeypatch):
+    kwargs = dict(tie_weight=True) if case == 'tie_weight' else {}
+    cls = SyncSwitchWhiten2d if case == 'sync-fallback' else SwitchWhiten2d
+    layer = random_whitening(64 if case == 'group32' else 32, cls=cls, **kwargs)
+    if case == 'group32':
+        layer = SwitchWhiten2d(64, num_pergroup=32)
+    shape = (1, 32, 1, 1) if case == '1x1-N1' else (2, layer.num_features, 4, 6)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    if case == 'channels_last':
+        x = x.to(memory_format=torch.channels_last)
+    if case == 'large-mean':
+        # the IW moments are taken about each instance's first column: no cancellation
+        x = x + 1e3
+        ones = torch.ones(x.shape)
+        truth = run(copy.deepcopy(layer).double(), x.double(), ones, 'torch', monkeypatch)['y']
+        kernels = run(copy.deepcopy(layer), x, ones, 'triton', monkeypatch)['y']
+        torch.testing.assert_close(kernels.double(), truth, rtol=2e-3, atol=2e-3)
+        return
+    compare(layer, x, torch.float32, monkeypatch, train=case != '1x1-N1')
 
 
 def test_backend_dispatch(monkeypatch):

@@ -3,8 +3,8 @@
 ``switch_norm`` runs on the Triton kernels for CUDA tensors (when triton is installed) and on
 the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` forces the reference,
 ``MMSN_BACKEND=triton`` the kernels (with ``TRITON_INTERPRET=1`` they then run on CPU
-tensors, which is how the tests check them without a GPU). ``switch_whiten`` has only the
-reference today.
+tensors, which is how the tests check them without a GPU). ``switch_whiten`` dispatches
+the same way for groups of 16, 32 or 64 channels.
 """
 import importlib.util
 import os
@@ -40,7 +40,14 @@ def switch_norm(x, *args, **kwargs):
     return switch_norm_reference(x, *args, **kwargs)
 
 
-switch_whiten = switch_whiten_reference
+def switch_whiten(x, *args, num_pergroup: int, **kwargs):
+    """Switchable Whitening on the backend :func:`backend_for` picks (the kernels take
+    groups of 16, 32 or 64 channels; other group sizes always use the reference); arguments
+    as for :func:`~mmsn.ops.reference.switch_whiten_reference`."""
+    if backend_for(x) == 'triton' and num_pergroup in (16, 32, 64):
+        from .triton_switch_whiten import switch_whiten_triton
+        return switch_whiten_triton(x, *args, num_pergroup=num_pergroup, **kwargs)
+    return switch_whiten_reference(x, *args, num_pergroup=num_pergroup, **kwargs)
 
 __all__ = [
     'switch_norm', 'switch_whiten', 'switch_norm_reference', 'switch_whiten_reference',

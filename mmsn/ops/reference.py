@@ -217,6 +217,86 @@ def group_batch_moments(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int
     return mean, m2 / local_count.clamp(min=1), local_count
 
 
+def group_instance_moments(x: Tensor, num_pergroup: int) -> Tuple[Tensor, Tensor]:
+    """IW mean ``(N, G, c)`` and population covariance ``(N, G, c, c)`` of each sample's
+    groups of ``num_pergroup`` contiguous channels, in the statistics dtype."""
+    num_samples, channels = x.shape[:2]
+    numel = math.prod(x.shape[2:])
+    xg = x.to(stats_dtype(x)).reshape(num_samples, channels // num_pergroup, num_pergroup, numel)
+    mean_iw = xg.mean(-1)
+    centred = xg - mean_iw[..., None]
+    return mean_iw, torch.matmul(centred, centred.transpose(-1, -2)) / max(numel, 1)
+
+
+def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int,
+                               mean_ratio: Tensor, var_ratio: Tensor,
+                               weight: Optional[Tensor], bias: Optional[Tensor],
+                               running_mean: Optional[Tensor], running_cov: Optional[Tensor],
+                               num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
+                               sw_type: int, iterations: int, momentum: Optional[float],
+                               eps: float, method: str = 'newton',
+                               process_group: Optional[object] = None,
+                               sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """SW's per-(n, group) affine map from the IW moments:
+    ``y = matrix @ (x - centre) + shift`` on each group of channels.
+
+    The small step between the moments and the whitening pass, shared by the reference and
+    the kernels: BW moments (synchronized when asked, running buffers updated in training),
+    the mixed mean and covariance, the inverse square root, the affine parameters.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``matrix`` ``(N, G, c, c)``, ``centre`` and ``shift``
+        ``(N, G, c)``, in the statistics dtype.
+    """
+    num_samples, groups, c = mean_iw.shape
+    dtype = mean_iw.dtype
+    if use_batch_stats:
+        mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel_per_instance,
+                                                     process_group, sync)
+        if running_mean is not None and count.item() > 0:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            update_running(running_mean, mean_bw[..., None], momentum, num_batches_tracked)
+            update_running(running_cov, cov_bw * unbiased_scale(count), momentum,
+                           num_batches_tracked)
+    else:
+        if running_mean is None:
+            raise ValueError('use_batch_stats=False needs running_mean and running_cov')
+        mean_bw, cov_bw = running_mean.to(dtype).squeeze(-1), running_cov.to(dtype)
+    eye = torch.eye(c, dtype=dtype, device=mean_iw.device)
+    var_in = cov_iw.diagonal(dim1=-2, dim2=-1)                     # (N, G, c)
+    stats_mean, stats_cov = {}, {}
+    stats_mean['bw'] = stats_mean['bn'] = mean_bw.expand_as(mean_iw)
+    stats_cov['bw'] = cov_bw.expand_as(cov_iw)
+    stats_cov['bn'] = torch.diag_embed(cov_bw.diagonal(dim1=-2, dim2=-1)).expand_as(cov_iw)
+    stats_mean['iw'] = stats_mean['in'] = mean_iw
+    stats_cov['iw'] = cov_iw
+    stats_cov['in'] = torch.diag_embed(var_in)
+    if 'ln' in SW_STATISTICS[sw_type]:
+        # One mean and one variance per sample over all C channels (not per group).
+        flat_mean = mean_iw.reshape(num_samples, groups * c)
+        flat_var = var_in.reshape(num_samples, groups * c)
+        mean_ln, var_ln = pooled_moments(flat_mean, flat_var, 1) if num_samples else (
+            flat_mean[:, :1], flat_var[:, :1])
+        stats_mean['ln'] = mean_ln[:, :, None].expand_as(mean_iw)
+        stats_cov['ln'] = var_ln[:, :, None, None] * eye
+    mean_ratio, var_ratio = mean_ratio.to(dtype), var_ratio.to(dtype)
+    mean = sum(mean_ratio[i] * stats_mean[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
+    cov = sum(var_ratio[i] * stats_cov[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
+    cov = cov + eps * eye
+    if method == 'newton':
+        whitening = inverse_sqrt_newton(cov, iterations)
+    elif method == 'eigh':
+        whitening = inverse_sqrt_eigh(cov)
+    else:
+        raise ValueError(f"method: expected 'newton' or 'eigh', got {method!r}")
+    if weight is not None:
+        whitening = whitening * weight.to(dtype).reshape(groups, c, 1)
+    shift = mean_iw.new_zeros(num_samples, groups, c) if bias is None else \
+        bias.to(dtype).reshape(groups, c).expand(num_samples, groups, c)
+    return whitening, mean, shift
+
+
 def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
                             weight: Optional[Tensor], bias: Optional[Tensor],
                             running_mean: Optional[Tensor], running_cov: Optional[Tensor],
@@ -249,59 +329,14 @@ def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
         Tensor: the whitened input, same shape, dtype and memory format as ``x``.
     """
     num_samples, channels = x.shape[:2]
-    groups, c = channels // num_pergroup, num_pergroup
-    dtype = stats_dtype(x)
-    numel = math.prod(x.shape[2:])
-    xg = x.to(dtype).reshape(num_samples, groups, c, numel)
-    mean_iw = xg.mean(-1)                                          # (N, G, c)
-    centred = xg - mean_iw[..., None]
-    cov_iw = torch.matmul(centred, centred.transpose(-1, -2)) / max(numel, 1)  # (N, G, c, c)
-    if use_batch_stats:
-        mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel, process_group, sync)
-        if running_mean is not None and count.item() > 0:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            update_running(running_mean, mean_bw[..., None], momentum, num_batches_tracked)
-            update_running(running_cov, cov_bw * unbiased_scale(count), momentum,
-                           num_batches_tracked)
-    else:
-        if running_mean is None:
-            raise ValueError('use_batch_stats=False needs running_mean and running_cov')
-        mean_bw, cov_bw = running_mean.to(dtype).squeeze(-1), running_cov.to(dtype)
-    eye = torch.eye(c, dtype=dtype, device=x.device)
-    var_in = cov_iw.diagonal(dim1=-2, dim2=-1)                     # (N, G, c)
-    stats_mean, stats_cov = {}, {}
-    stats_mean['bw'] = stats_mean['bn'] = mean_bw.expand_as(mean_iw)
-    stats_cov['bw'] = cov_bw.expand_as(cov_iw)
-    stats_cov['bn'] = torch.diag_embed(cov_bw.diagonal(dim1=-2, dim2=-1)).expand_as(cov_iw)
-    stats_mean['iw'] = stats_mean['in'] = mean_iw
-    stats_cov['iw'] = cov_iw
-    stats_cov['in'] = torch.diag_embed(var_in)
-    if 'ln' in SW_STATISTICS[sw_type]:
-        # One mean and one variance per sample over all C channels (not per group).
-        flat_mean = mean_iw.reshape(num_samples, channels)
-        flat_var = var_in.reshape(num_samples, channels)
-        mean_ln, var_ln = pooled_moments(flat_mean, flat_var, 1) if num_samples else (
-            flat_mean[:, :1], flat_var[:, :1])
-        stats_mean['ln'] = mean_ln[:, :, None].expand_as(mean_iw)
-        stats_cov['ln'] = var_ln[:, :, None, None] * eye
-    mean_ratio, var_ratio = mean_ratio.to(dtype), var_ratio.to(dtype)
-    mean = sum(mean_ratio[i] * stats_mean[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
-    cov = sum(var_ratio[i] * stats_cov[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
-    cov = cov + eps * eye
-    if method == 'newton':
-        whitening = inverse_sqrt_newton(cov, iterations)
-    elif method == 'eigh':
-        whitening = inverse_sqrt_eigh(cov)
-    else:
-        raise ValueError(f"method: expected 'newton' or 'eigh', got {method!r}")
-    y = torch.matmul(whitening, xg - mean[..., None]).reshape(x.shape)
-    view = (1, channels) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(dtype).reshape(view)
-    if bias is not None:
-        y = y + bias.to(dtype).reshape(view)
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    mean_iw, cov_iw = group_instance_moments(x, num_pergroup)
+    matrix, centre, shift = switch_whiten_coefficients(
+        mean_iw, cov_iw, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
+        running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type, iterations,
+        momentum, eps, method, process_group, sync)
+    xg = x.to(mean_iw.dtype).reshape(mean_iw.shape + (math.prod(x.shape[2:]),))
+    y = torch.matmul(matrix, xg - centre[..., None]) + shift[..., None]
+    return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
