@@ -4,10 +4,13 @@
 the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` forces the reference,
 ``MMSN_BACKEND=triton`` the kernels (with ``TRITON_INTERPRET=1`` they then run on CPU
 tensors, which is how the tests check them without a GPU). ``switch_whiten`` dispatches
-the same way for groups of 16, 32 or 64 channels.
+the same way for groups of 16, 32 or 64 channels. Under ``torch.compile`` both use the
+reference, which compiles.
 """
 import importlib.util
 import os
+
+import torch
 
 from .distributed import all_gather_parts, sync_world_size
 from .moments import merge_covariance_moments, merge_moments
@@ -17,8 +20,17 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton,
 BACKENDS = ('torch', 'triton')
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, 'compiler', None)
+    return bool(getattr(compiler, 'is_compiling', lambda: False)())
+
+
 def backend_for(x) -> str:
     """The backend that ``switch_norm`` uses for ``x`` (see the module docstring)."""
+    if _compiling():
+        # The kernels' backward replays a saved autograd graph, which dynamo cannot trace;
+        # under torch.compile the reference is compiled instead (inductor fuses it).
+        return 'torch'
     forced = os.environ.get('MMSN_BACKEND', '').strip().lower()
     if forced:
         if forced not in BACKENDS:

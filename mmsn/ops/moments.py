@@ -65,18 +65,26 @@ def unbiased_scale(count: Tensor) -> Tensor:
     return torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
 
 
-def update_running(running: Tensor, batch: Tensor, momentum: Optional[float],
-                   num_batches_tracked: Optional[Tensor]) -> None:
-    """Updates a running buffer in place with PyTorch's momentum convention.
+def update_running_statistics(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor,
+                              batch_var: Tensor, count: Tensor, momentum: Optional[float],
+                              num_batches_tracked: Optional[Tensor]) -> None:
+    """Updates running mean and (co)variance buffers in place, PyTorch's convention.
 
-    ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None`` gives the
-    cumulative average over the ``num_batches_tracked`` batches seen so far (already counted
-    the current one).
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased batch
+    (co)variance; ``momentum=None`` gives the cumulative average over the batches counted by
+    ``num_batches_tracked``. A batch of no elements (``count`` 0 on every rank) changes
+    nothing. Tensor arithmetic only: no host synchronization on GPUs.
     """
+    seen = count > 0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(seen.to(num_batches_tracked.dtype))
+    dtype = running_mean.dtype
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
-        factor = 1.0 / float(num_batches_tracked.item())
+        factor = seen.to(dtype) / num_batches_tracked.clamp(min=1).to(dtype)
     else:
-        factor = momentum
-    running.mul_(1.0 - factor).add_(batch.detach().to(running.dtype), alpha=factor)
+        factor = seen.to(dtype) * momentum
+    for running, batch in ((running_mean, batch_mean),
+                           (running_var, batch_var * unbiased_scale(count))):
+        running.mul_(1 - factor).add_(factor * batch.detach().to(dtype))

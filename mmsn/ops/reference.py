@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_gather_parts, sync_world_size
-from .moments import merge_covariance_moments, merge_moments, unbiased_scale, update_running
+from .moments import merge_covariance_moments, merge_moments, update_running_statistics
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
@@ -110,12 +110,9 @@ def switch_norm_coefficients(mean_in: Tensor, var_in: Tensor, numel_per_instance
         if use_batch_stats:
             mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance,
                                                    process_group, sync)
-            if running_mean is not None and count.item() > 0:
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
-                update_running(running_mean, mean_bn, momentum, num_batches_tracked)
-                update_running(running_var, var_bn * unbiased_scale(count), momentum,
-                               num_batches_tracked)
+            if running_mean is not None:
+                update_running_statistics(running_mean, running_var, mean_bn, var_bn, count,
+                                          momentum, num_batches_tracked)
         else:
             if running_mean is None:
                 raise ValueError('use_batch_stats=False needs running_mean and running_var')
@@ -253,12 +250,9 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     if use_batch_stats:
         mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel_per_instance,
                                                      process_group, sync)
-        if running_mean is not None and count.item() > 0:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            update_running(running_mean, mean_bw[..., None], momentum, num_batches_tracked)
-            update_running(running_cov, cov_bw * unbiased_scale(count), momentum,
-                           num_batches_tracked)
+        if running_mean is not None:
+            update_running_statistics(running_mean, running_cov, mean_bw[..., None], cov_bw,
+                                      count, momentum, num_batches_tracked)
     else:
         if running_mean is None:
             raise ValueError('use_batch_stats=False needs running_mean and running_cov')
