@@ -181,3 +181,19 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.setenv('MMSN_BACKEND', 'cuda')
     with pytest.raises(ValueError, match="MMSN_BACKEND: expected one of"):
         backend_for(x)
+
+
+def test_autocast_policy(monkeypatch):
+    """Under autocast the layers take the activation dtype the convolution produced (bf16
+    here), compute statistics in float32 and return that dtype, on both backends."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), SwitchNorm2d(32),
+                                SwitchWhiten2d(32, num_pergroup=16))
+    x = torch.randn(2, 3, 6, 6)
+    outputs = {}
+    for backend in ('torch', 'triton'):
+        monkeypatch.setenv('MMSN_BACKEND', backend)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outputs[backend] = copy.deepcopy(model)(x)
+        assert outputs[backend].dtype == torch.bfloat16
+    assert_match(outputs['triton'], outputs['torch'], torch.bfloat16, 'autocast')
