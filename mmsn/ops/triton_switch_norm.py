@@ -34,9 +34,9 @@ def instance_moments_triton(x3: Tensor) -> Tuple[Tensor, Tensor]:
     from ..kernels.switch_norm import _instance_moments_kernel
     n, c, length = x3.shape
     acc = stats_dtype(x3)
-    mean = torch.empty(n, c, dtype=acc, device=x3.device)
-    var = torch.empty(n, c, dtype=acc, device=x3.device)
-    if n * c:
+    mean = torch.zeros(n, c, dtype=acc, device=x3.device)
+    var = torch.zeros(n, c, dtype=acc, device=x3.device)
+    if n * c and length:
         _instance_moments_kernel[(n * c,)](x3, mean, var, c, length, *x3.stride(),
                                            BLOCK=_block(length), ACC=_accumulator(acc))
     return mean, var
@@ -46,7 +46,7 @@ def affine_triton(x3: Tensor, out3: Tensor, scale: Tensor, shift: Tensor) -> Non
     from ..kernels.switch_norm import _affine_kernel
     n, c, length = x3.shape
     block = _block(length)
-    if n * c:
+    if n * c and length:
         _affine_kernel[(n * c, triton_cdiv(length, block))](
             x3, out3, scale.contiguous(), shift.contiguous(), c, length, *x3.stride(),
             *out3.stride(), BLOCK=block, ACC=_accumulator(scale.dtype))
@@ -97,7 +97,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         sum_dy = torch.zeros(n, c, dtype=acc, device=x.device)
         sum_dyx = torch.zeros(n, c, dtype=acc, device=x.device)
         block = _block(length)
-        if n * c:
+        if n * c and length:
             _grad_sums_kernel[(n * c,)](x3, dy3, sum_dy, sum_dyx, c, length, *x3.stride(),
                                         *dy3.stride(), BLOCK=block, ACC=_accumulator(acc))
         pairs = [(t, g) for t, g in ((scale, sum_dyx), (shift, sum_dy)) if t.requires_grad]
@@ -117,7 +117,7 @@ class _SwitchNormFunction(torch.autograd.Function):
             b = d_mean / max(length, 1) - a * leaves[0].detach()
             dx = torch.empty_like(x)
             dx3 = _as_ncl(dx)
-            if n * c:
+            if n * c and length:
                 _grad_input_kernel[(n * c, triton_cdiv(length, block))](
                     x3, dy3, dx3, scale.detach().contiguous(), a.contiguous(), b.contiguous(),
                     c, length, *x3.stride(), *dy3.stride(), *dx3.stride(), BLOCK=block,
