@@ -106,7 +106,6 @@ def main(argv=None):
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
         rows.append(dict(model=f'ResNet-50 {kind}', batch=args.batch, size=args.size,
                          dtype='bf16 autocast' if cuda else 'float32', ms=ms, peak_MiB=peak))
-        del model, optimizer
     base = next((r for r in rows if r['model'].endswith(' bn')), rows[0])
     for row in rows:
         row['time_vs_BN'] = row['ms'] / base['ms']

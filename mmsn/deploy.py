@@ -9,7 +9,6 @@ from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .converters.resnet import ZERO_RATIO_LOGIT

@@ -1,7 +1,6 @@
 """mmengine hooks: ratio logging, batch-average inference statistics, the SSN radius."""
 from typing import Optional
 
-
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
