@@ -16,6 +16,7 @@ if importlib.util.find_spec('mmengine') is not None:
     setup_openmmlab()
 
 __all__ = [
-    'SparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm', 'SwitchWhiten2d',
+    'SparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm',
+    'SwitchWhiten2d',
     'SyncSwitchWhiten2d', 'convert_sync_sn', 'revert_sync_sn', '__version__'
 ]

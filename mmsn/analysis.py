@@ -49,9 +49,12 @@ def ratios_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, 
     return layers
 
 
-def format_ratio_table(ratios: Dict[str, dict], max_rows: int = 0) -> str:
-    """A text table: one row per layer, mean and variance ratios per statistic."""
-    lines = [f'{"layer":<40} {"mean ratios":<28} var ratios']
+def format_ratio_table(ratios: Dict[str, dict], max_rows: int = 0,
+                       divergence: bool = False) -> str:
+    """A text table: one row per layer, mean and variance ratios per statistic, and with
+    ``divergence`` the symmetric KL between them (:func:`symmetric_kl`)."""
+    lines = [f'{"layer":<44} {"mean ratios":<30} {"var ratios":<30}' + (' D' if divergence
+                                                                      else '')]
     rows = list(ratios.items())
     if max_rows and len(rows) > max_rows:
         rows = rows[:max_rows // 2] + [('...', None)] + rows[-(max_rows - max_rows // 2):]
@@ -60,7 +63,10 @@ def format_ratio_table(ratios: Dict[str, dict], max_rows: int = 0) -> str:
             lines.append('...')
             continue
         fmt = lambda values: ' '.join(f'{s}={v:.2f}' for s, v in zip(entry['statistics'], values))  # noqa: E731
-        lines.append(f'{name:<40} {fmt(entry["mean"]):<28} {fmt(entry["var"])}')
+        line = f'{name:<44} {fmt(entry["mean"]):<30} {fmt(entry["var"]):<30}'
+        if divergence:
+            line += f' {symmetric_kl(entry["mean"], entry["var"]):.3f}'
+        lines.append(line.rstrip())
     return '\n'.join(lines)
 
 

@@ -121,7 +121,8 @@ def _bn_affine(layer: _SwitchNorm) -> Tuple[Tensor, Tensor]:
     scale = torch.rsqrt(layer.running_var.float() + layer.eps)
     shift = -layer.running_mean.float() * scale
     if layer.weight is not None:
-        scale, shift = scale * layer.weight.float(), shift * layer.weight.float() + layer.bias.float()
+        weight = layer.weight.float()
+        scale, shift = scale * weight, shift * weight + layer.bias.float()
     return scale, shift
 
 

@@ -1,6 +1,7 @@
 """torch.compile of a small SN + SW model matches eager: forward, parameter gradients and
-running statistics (under compile the ops use the reference; eager may use the kernels). The aot_eager backend traces what inductor
-traces (dynamo + AOTAutograd) without a C++ build, to keep the suite fast."""
+running statistics (under compile the ops use the reference; eager may use the kernels).
+The aot_eager backend traces what inductor traces (dynamo + AOTAutograd) without a C++
+build, to keep the suite fast."""
 import copy
 
 import pytest

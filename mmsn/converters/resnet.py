@@ -140,8 +140,9 @@ def infer_architecture(state: Dict[str, Tensor]) -> Tuple[int, Dict[str, str]]:
     bottleneck = any(re.match(r'^layer\d\.\d+\.conv3\.weight$', k) for k in keys)
     depth = _DEPTHS.get((stage_blocks, bottleneck))
     if depth is None and not problems:
+        depths = '/'.join(map(str, sorted(set(_DEPTHS.values()))))
         problems.append(f'SRC has {stage_blocks} {"bottleneck" if bottleneck else "basic"} '
-                        f'blocks per stage: not a ResNet-{"/".join(map(str, sorted(set(_DEPTHS.values()))))}')
+                        f'blocks per stage: not a ResNet-{depths}')
     if problems:
         raise ConversionError(problems)
     kinds = OrderedDict()

@@ -7,5 +7,6 @@ from .switch_whiten import SwitchWhiten2d, SyncSwitchWhiten2d
 
 __all__ = [
     'SwitchableLayer', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm',
-    'SwitchWhiten2d', 'SyncSwitchWhiten2d', 'SparseSwitchNorm2d', 'convert_sync_sn', 'revert_sync_sn', 'SN_STATISTICS'
+    'SwitchWhiten2d', 'SyncSwitchWhiten2d', 'SparseSwitchNorm2d', 'convert_sync_sn',
+    'revert_sync_sn', 'SN_STATISTICS'
 ]

@@ -40,4 +40,5 @@ def setup_openmmlab() -> None:
 
 __all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
            'allow_mmengine_checkpoints', 'register_backbones', 'register_initializers',
-           'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook', 'BatchAverageHook', 'register_hooks']
+           'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook',
+           'BatchAverageHook', 'register_hooks']

@@ -6,6 +6,7 @@ from mmengine.registry import HOOKS
 
 from ..analysis import model_ratios, ratio_scalars
 from ..batch_average import batch_average_statistics
+from ..layers.base import check_positive_int
 
 
 class SwitchableRatioHook(Hook):
@@ -20,9 +21,7 @@ class SwitchableRatioHook(Hook):
     priority = 'BELOW_NORMAL'
 
     def __init__(self, interval: int = 50):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
-            raise ValueError(f'interval: expected a positive int, got {interval!r}')
-        self.interval = interval
+        self.interval = check_positive_int('interval', interval)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.every_n_train_iters(runner, self.interval) or self.is_last_train_iter(runner):
@@ -47,9 +46,7 @@ class BatchAverageHook(Hook):
     priority = 'HIGH'
 
     def __init__(self, num_batches: int = 200, before_test: bool = True):
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0:
-            raise ValueError(f'num_batches: expected a positive int, got {num_batches!r}')
-        self.num_batches = num_batches
+        self.num_batches = check_positive_int('num_batches', num_batches)
         self.before_test_run = before_test
 
     def average(self, runner) -> None:

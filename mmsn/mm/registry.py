@@ -1,6 +1,6 @@
 """Registration of the layers in mmengine's root MODELS registry."""
-from ..layers import SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm, \
-    SyncSwitchWhiten2d
+from ..layers import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d,
+                      SyncSwitchNorm, SyncSwitchWhiten2d)
 
 #: Config type names, as mmcv names BN ('BN' = 'BN2d', 'BN1d', 'BN3d', 'SyncBN').
 LAYER_NAMES = {

@@ -7,6 +7,7 @@ tensors, which is how the tests check them without a GPU). ``switch_whiten`` dis
 the same way for groups of 16, 32 or 64 channels. Under ``torch.compile`` both use the
 reference, which compiles.
 """
+import functools
 import importlib.util
 import os
 
@@ -18,6 +19,12 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton,
                         switch_norm_reference, switch_whiten_reference)
 
 BACKENDS = ('torch', 'triton')
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # (looked up once: backend_for runs in every SN/SW forward)
+    return importlib.util.find_spec('triton') is not None
 
 
 def _compiling() -> bool:
@@ -35,10 +42,10 @@ def backend_for(x) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f'MMSN_BACKEND: expected one of {BACKENDS}, got {forced!r}')
-        if forced == 'triton' and importlib.util.find_spec('triton') is None:
+        if forced == 'triton' and not _triton_installed():
             raise ValueError('MMSN_BACKEND: triton was asked for but is not installed')
         return forced
-    if x.is_cuda and importlib.util.find_spec('triton') is not None:
+    if x.is_cuda and _triton_installed():
         return 'triton'
     return 'torch'
 

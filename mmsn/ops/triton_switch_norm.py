@@ -90,7 +90,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         leaves, scale, shift = ctx.graph
         ctx.graph = None
         x3 = _as_ncl(x)
-        dy = dy if _mergeable(dy) else dy.contiguous()
+        dy = viewable(dy)
         dy3 = _as_ncl(dy)
         n, c, length = x3.shape
         acc = scale.dtype
@@ -126,12 +126,14 @@ class _SwitchNormFunction(torch.autograd.Function):
                 grad_of(leaves[5]), None, None, None, None, None, None, None, None)
 
 
-def _mergeable(t: Tensor) -> bool:
+def viewable(t: Tensor, view=_as_ncl) -> Tensor:
+    """``t`` itself when the kernels' view of it needs no copy (NCHW, channels_last), else a
+    contiguous copy."""
     try:
-        _as_ncl(t)
-        return True
+        view(t)
+        return t
     except RuntimeError:
-        return False
+        return t.contiguous()
 
 
 def switch_norm_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
@@ -147,11 +149,9 @@ def switch_norm_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
             x.unsqueeze(-1), mean_ratio, var_ratio, weight, bias, running_mean, running_var,
             num_batches_tracked, use_batch_stats, momentum, eps, process_group,
             sync).squeeze(-1)
-    if not _mergeable(x):
-        x = x.contiguous()
-    return _SwitchNormFunction.apply(x, mean_ratio, var_ratio, weight, bias, running_mean,
-                                     running_var, num_batches_tracked, use_batch_stats,
-                                     momentum, eps, process_group, sync)
+    return _SwitchNormFunction.apply(viewable(x), mean_ratio, var_ratio, weight, bias,
+                                     running_mean, running_var, num_batches_tracked,
+                                     use_batch_stats, momentum, eps, process_group, sync)
 
 
 __all__ = ['switch_norm_triton', 'instance_moments_triton']

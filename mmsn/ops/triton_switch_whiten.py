@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .reference import stats_dtype, switch_whiten_coefficients
-from .triton_switch_norm import _accumulator, _block, _needs, triton_cdiv
+from .triton_switch_norm import _accumulator, _block, _needs, triton_cdiv, viewable
 
 #: group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
@@ -68,8 +68,7 @@ class _SwitchWhitenFunction(torch.autograd.Function):
         x, = ctx.saved_tensors
         leaves, matrix, centre, shift = ctx.graph
         ctx.graph = None
-        if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)):
-            dy = dy.contiguous()  # both layouts view as (N, G, c, L); others are copied
+        dy = viewable(dy, lambda t: _as_groups(t, ctx.num_pergroup))
         x4, dy4 = _as_groups(x, ctx.num_pergroup), _as_groups(dy, ctx.num_pergroup)
         n, groups, c, length = x4.shape
         args = _kernel_args(c, matrix.dtype, length)
@@ -119,8 +118,7 @@ def switch_whiten_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
     if num_pergroup not in KERNEL_GROUP_SIZES:
         raise ValueError(f'num_pergroup: expected one of {KERNEL_GROUP_SIZES} for the Triton '
                          f'kernels, got {num_pergroup}')
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
+    x = viewable(x, lambda t: _as_groups(t, num_pergroup))
     return _SwitchWhitenFunction.apply(x, mean_ratio, var_ratio, weight, bias, running_mean,
                                        running_cov, num_batches_tracked, use_batch_stats,
                                        num_pergroup, sw_type, iterations, momentum, eps,

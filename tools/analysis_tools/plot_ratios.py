@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument('--curve-layers', type=int, default=12,
                         help='layers drawn in the training-curve figure (spread over the net)')
     args = parser.parse_args(argv)
-    from mmsn.analysis import ratio_history, ratios_from_state_dict, symmetric_kl
+    from mmsn.analysis import format_ratio_table, ratio_history, ratios_from_state_dict
     from mmsn.plotting import plot_divergence, plot_layer_ratios, plot_ratio_curves
     checkpoint_path = find_checkpoint(args.source)
     checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=False)
@@ -52,11 +52,7 @@ def main(argv=None) -> int:
         if history:
             written += plot_ratio_curves(history, args.out_dir, max_layers=args.curve_layers)
     print(f'{len(ratios)} layers from {checkpoint_path}')
-    print(f'{"layer":<44} {"mean ratios":<30} {"var ratios":<30} D')
-    for layer, entry in ratios.items():
-        fmt = lambda values: ' '.join(f'{s}={v:.2f}' for s, v in zip(entry['statistics'], values))  # noqa: E731
-        print(f'{layer:<44} {fmt(entry["mean"]):<30} {fmt(entry["var"]):<30} '
-              f'{symmetric_kl(entry["mean"], entry["var"]):.3f}')
+    print(format_ratio_table(ratios, divergence=True))
     for path in written:
         print(f'wrote {path}')
     return 0

@@ -14,7 +14,8 @@ from mmsn.converters import ConversionError, convert_checkpoint
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('src', help="the released checkpoint (e.g. 'ResNet50v1+SN(8,32)-77.49.pth')")
+    parser.add_argument('src',
+                        help="the released checkpoint (e.g. 'ResNet50v1+SN(8,32)-77.49.pth')")
     parser.add_argument('dst', help='the converted checkpoint to write')
     parser.add_argument('--sw-layers', default=None,
                         help="SW placement of the destination: 'imagenet' (7 layers), "
