@@ -1,10 +1,14 @@
 """ResNet-50 training steps with every norm BN, GN(32) or SN, and with BN plus the SW
 release's 7 SW layers: time per step and peak memory, as ratios to BN in the same run.
 
-    python benchmarks/bench_resnet50_step.py [--batch 32] [--size 224] [--csv PATH]
+    python benchmarks/bench_resnet50_step.py [--batch 32] [--size 224] [--compile]
+        [--kinds bn gn sn sw7 sn@torch ...] [--csv PATH]
 
 bf16 autocast and channels_last on a GPU; float32 on the CPU. Needs only torch (+ triton):
-the ResNet-50 (v1, torchvision layout) is built here.
+the ResNet-50 (v1, torchvision layout) is built here. A kind may end in ``@torch`` or
+``@triton`` to force mmsn's backend (``MMSN_BACKEND``): eagerly, ``sn@torch`` is the reference
+path; with ``--compile``, ``sn`` is inductor's code for the reference and ``sn@triton`` mmsn's
+kernels as custom ops.
 """
 import argparse
 import os.path as osp
@@ -15,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import measure, report  # noqa: E402
+from common import measure, mmsn_backend, report  # noqa: E402
 
 STAGES = (3, 4, 6, 3)
 # the SW release's placement: the stem and norm2 of odd-indexed blocks of stages 1-3
@@ -78,6 +82,7 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--kinds', nargs='+', default=['bn', 'gn', 'sn', 'sw7'])
     parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--compile', action='store_true', help='torch.compile each model')
     parser.add_argument('--csv', default='benchmarks/results/resnet50_step.csv')
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -88,23 +93,27 @@ def main(argv=None):
         x = x.to(memory_format=torch.channels_last)
     rows = []
     for kind in args.kinds:
-        model = resnet50(kind).to(device)
+        norm, _, backend = kind.partition('@')
+        model = resnet50(norm).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        forward = torch.compile(model) if args.compile else model
 
         def step():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-                loss = nn.functional.cross_entropy(model(x), target)
+                loss = nn.functional.cross_entropy(forward(x), target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        ms = measure(step, warmup=3, repeats=args.repeats)
+        with mmsn_backend(backend):
+            ms = measure(step, warmup=3, repeats=args.repeats)
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
         rows.append(dict(model=f'ResNet-50 {kind}', batch=args.batch, size=args.size,
+                         compiled=args.compile,
                          dtype='bf16 autocast' if cuda else 'float32', ms=ms, peak_MiB=peak))
     base = next((r for r in rows if r['model'].endswith(' bn')), rows[0])
     for row in rows:

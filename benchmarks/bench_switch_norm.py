@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import measure, report  # noqa: E402
+from common import measure, mmsn_backend, report  # noqa: E402
 
 # (channels, height, width) of the norm layers of ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -49,28 +49,27 @@ def layers(channels, device, dtype, backends):
 
 
 def time_layer(layer, backend, x, what):
-    import os
-    if backend:
-        os.environ['MMSN_BACKEND'] = backend
-    grad = torch.randn_like(x)
-    xg = x.detach().requires_grad_()
+    """Median ms and peak MiB of ``what`` ('forward', 'backward', 'both') of ``layer`` on
+    ``x``, with ``MMSN_BACKEND=backend`` (None: the layer is not mmsn's)."""
+    with mmsn_backend(backend):
+        grad = torch.randn_like(x)
+        xg = x.detach().requires_grad_()
 
-    def forward():
-        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
-            return layer(xg)
+        def forward():
+            with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+                return layer(xg)
 
-    if what == 'forward':
-        fn = forward
-    elif what == 'backward':
-        y = forward()
-        fn = lambda: torch.autograd.grad(y, xg, grad, retain_graph=True)  # noqa: E731
-    else:
-        fn = lambda: torch.autograd.grad(forward(), xg, grad)  # noqa: E731
-    if x.is_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    ms = measure(fn)
+        if what == 'forward':
+            fn = forward
+        elif what == 'backward':
+            y = forward()
+            fn = lambda: torch.autograd.grad(y, xg, grad, retain_graph=True)  # noqa: E731
+        else:
+            fn = lambda: torch.autograd.grad(forward(), xg, grad)  # noqa: E731
+        if x.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ms = measure(fn)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if x.is_cuda else float('nan')
-    os.environ.pop('MMSN_BACKEND', None)
     return ms, peak
 
 

@@ -1,4 +1,5 @@
 """Timing, environment facts and table/CSV output shared by the benchmarks."""
+import contextlib
 import csv
 import os
 import platform
@@ -23,6 +24,20 @@ def environment() -> Dict[str, str]:
     except ImportError:
         pass
     return facts
+
+
+@contextlib.contextmanager
+def mmsn_backend(backend: str):
+    """``MMSN_BACKEND=backend`` inside (unset for ``''``), restored after."""
+    saved = os.environ.pop('MMSN_BACKEND', None)
+    if backend:
+        os.environ['MMSN_BACKEND'] = backend
+    try:
+        yield
+    finally:
+        os.environ.pop('MMSN_BACKEND', None)
+        if saved is not None:
+            os.environ['MMSN_BACKEND'] = saved
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:

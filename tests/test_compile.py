@@ -1,7 +1,8 @@
 """torch.compile of a small SN + SW model matches eager: forward, parameter gradients and
-running statistics (under compile the ops use the reference; eager may use the kernels).
-The aot_eager backend traces what inductor traces (dynamo + AOTAutograd) without a C++
-build, to keep the suite fast."""
+running statistics, in one graph (no graph break). Under compile the layers use the reference
+by default and the registered ``torch.ops.mmsn`` kernels with ``MMSN_BACKEND=triton``; eager
+uses the fused kernel path then. The aot_eager backend traces what inductor traces (dynamo +
+AOTAutograd) without a C++ build, to keep the suite fast."""
 import copy
 
 import pytest
@@ -14,13 +15,19 @@ from mmsn import SwitchNorm2d, SwitchWhiten2d
 def test_compiled_model_matches_eager(backend, monkeypatch):
     if backend == 'triton':
         pytest.importorskip('triton')
-    monkeypatch.setenv('MMSN_BACKEND', backend)  # eager on the kernels, compiled on the reference
+    monkeypatch.setenv('MMSN_BACKEND', backend)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), SwitchNorm2d(16),
                                 torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1),
                                 SwitchWhiten2d(16, num_pergroup=16))
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend='aot_eager')
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.lookup_backend('aot_eager')(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
     x = torch.randn(2, 3, 8, 8)
     for step in range(2):
         want, got = eager(x), compiled(x)
@@ -35,3 +42,5 @@ def test_compiled_model_matches_eager(backend, monkeypatch):
     eager.eval()
     compiled.eval()
     torch.testing.assert_close(compiled(x), eager(x))
+    uses_kernels = ['mmsn.sn_moments' in g and 'mmsn.sw_whiten' in g for g in graphs]
+    assert graphs and all(uses_kernels) == (backend == 'triton'), graphs[0]

@@ -50,8 +50,13 @@ def make_data(total):
 
 
 def run_rank(rank, world_size, port, sizes, out_dir, backend='torch'):
-    os.environ['MMSN_BACKEND'] = backend  # 'triton' runs the kernels (interpreted on CPU)
+    # 'triton' runs the kernels (interpreted on CPU); 'composed' the registered ops the way
+    # torch.compile traces them
+    os.environ['MMSN_BACKEND'] = 'triton' if backend == 'composed' else backend
     os.environ.setdefault('TRITON_INTERPRET', '1')
+    if backend == 'composed':
+        import mmsn.ops
+        mmsn.ops._compiling = lambda: True
     # A bounded timeout turns a missed collective into an error instead of a hang.
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
@@ -94,10 +99,12 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize('backend', ['torch', 'triton'])
-@pytest.mark.parametrize('sizes', [(1, 4), (2, 0, 3)], ids=['2-ranks', '3-ranks-one-empty'])
+@pytest.mark.parametrize('sizes,backend', [
+    ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton'),
+    ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
+    '2-ranks' if v == (1, 4) else v)
 def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
-    if backend == 'triton':
+    if backend != 'torch':
         pytest.importorskip('triton')
     world_size = len(sizes)
     mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend),

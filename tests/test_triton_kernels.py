@@ -197,3 +197,57 @@ def test_autocast_policy(monkeypatch):
             outputs[backend] = copy.deepcopy(model)(x)
         assert outputs[backend].dtype == torch.bfloat16
     assert_match(outputs['triton'], outputs['torch'], torch.bfloat16, 'autocast')
+
+
+def _op_cases():
+    """(op name, args) for every registered op on tiny NCHW and channels_last inputs."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    cl = torch.randn(2, 32, 3, 2, generator=g).to(memory_format=torch.channels_last)
+    coef = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return [
+        ('sn_moments', (x,)), ('sn_moments', (cl,)),
+        ('sn_affine', (x, coef(2, 3), coef(2, 3))),
+        ('sn_affine', (cl, coef(2, 32), coef(2, 32))),
+        ('sn_grad_sums', (x, torch.randn_like(x), torch.float32)),
+        ('sn_grad_input', (x, torch.randn_like(x), coef(2, 3), coef(2, 3), coef(2, 3))),
+        ('sw_moments', (cl, 16)),
+        ('sw_whiten', (cl, coef(2, 2, 16, 16) / 4, coef(2, 2, 16), coef(2, 2, 16), 16)),
+        ('sw_grad_sums', (cl, torch.randn_like(cl), coef(2, 2, 16), 16)),
+        ('sw_grad_input', (cl, torch.randn_like(cl), coef(2, 2, 16, 16), coef(2, 2, 16, 16),
+                           coef(2, 2, 16), coef(2, 2, 16), 16)),
+    ]
+
+
+@pytest.mark.parametrize('name,args', _op_cases(),
+                         ids=[f'{name}-{i}' for i, (name, _) in enumerate(_op_cases())])
+def test_registered_ops_pass_opcheck(name, args):
+    """torch.library's own checks: schema, fake implementation (shapes, dtypes, strides),
+    autograd registration, AOT dispatch with static and dynamic shapes."""
+    differentiable = name in ('sn_moments', 'sn_affine', 'sw_moments', 'sw_whiten')
+    if differentiable:
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                     for a in args)
+    torch.library.opcheck(getattr(torch.ops.mmsn, name), args)
+
+
+@pytest.mark.parametrize('case', ['sn-fp32', 'sn-bf16-channels_last', 'sn-sync-fallback',
+                                  'sw-type5', 'sw-type2-channels_last'])
+def test_composed_ops_match_reference(case, monkeypatch):
+    """The form torch.compile traces (registered ops with their own autograd formulas,
+    the mixing step in between), run eagerly against the reference."""
+    import mmsn.ops
+    monkeypatch.setattr(mmsn.ops, '_compiling', lambda: True)
+    dtype = torch.bfloat16 if 'bf16' in case else torch.float32
+    if case.startswith('sn'):
+        layer = random_layer(SyncSwitchNorm if 'sync' in case else SwitchNorm2d, 5,
+                             dtype=dtype)
+        x = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(7)) + 0.5
+    else:
+        layer = random_whitening(32, dtype, sw_type=int(case[7]))
+        x = torch.randn(3, 32, 3, 5, generator=torch.Generator().manual_seed(7)) + 0.5
+    x = x.to(dtype)
+    if 'channels_last' in case:
+        x = x.to(memory_format=torch.channels_last)
+    compare(layer, x, dtype, monkeypatch, train=True)
+    compare(layer, x, dtype, monkeypatch, train=False)

@@ -4,10 +4,13 @@
 the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` forces the reference,
 ``MMSN_BACKEND=triton`` the kernels (with ``TRITON_INTERPRET=1`` they then run on CPU
 tensors, which is how the tests check them without a GPU). ``switch_whiten`` dispatches
-the same way for groups of 16, 32 or 64 channels. Under ``torch.compile`` both use the
-reference, which compiles.
+the same way for groups of 16, 32 or 64 channels.
+
+Under ``torch.compile`` the default is the reference, which inductor turns into its own fused
+kernels and can fuse with the neighbouring ReLU or residual add (a custom op is opaque to
+it); ``MMSN_BACKEND=triton`` keeps mmsn's kernels there, as the ``torch.ops.mmsn`` custom
+ops composed with the traced mixing step (see ``library.py``).
 """
-import functools
 import importlib.util
 import os
 
@@ -20,11 +23,15 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton,
 
 BACKENDS = ('torch', 'triton')
 
+if hasattr(torch.library, 'custom_op'):  # the kernels' ops need torch >= 2.4
+    from .library import KERNEL_GROUP_SIZES  # (importing it registers torch.ops.mmsn.*)
+    from .triton_switch_norm import switch_norm_triton
+    from .triton_switch_whiten import switch_whiten_triton
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    # (looked up once: backend_for runs in every SN/SW forward)
-    return importlib.util.find_spec('triton') is not None
+
+# Looked up once, at import: backend_for runs in every SN/SW forward (and under dynamo).
+KERNELS_AVAILABLE = (importlib.util.find_spec('triton') is not None
+                     and hasattr(torch.library, 'custom_op'))
 
 
 def _compiling() -> bool:
@@ -34,18 +41,17 @@ def _compiling() -> bool:
 
 def backend_for(x) -> str:
     """The backend that ``switch_norm`` uses for ``x`` (see the module docstring)."""
-    if _compiling():
-        # The kernels' backward replays a saved autograd graph, which dynamo cannot trace;
-        # under torch.compile the reference is compiled instead (inductor fuses it).
-        return 'torch'
     forced = os.environ.get('MMSN_BACKEND', '').strip().lower()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f'MMSN_BACKEND: expected one of {BACKENDS}, got {forced!r}')
-        if forced == 'triton' and not _triton_installed():
-            raise ValueError('MMSN_BACKEND: triton was asked for but is not installed')
+        if forced == 'triton' and not KERNELS_AVAILABLE:
+            raise ValueError('MMSN_BACKEND: triton was asked for, but the kernels need triton '
+                             f'and torch >= 2.4 (torch {torch.__version__})')
         return forced
-    if x.is_cuda and _triton_installed():
+    if _compiling():  # inductor fuses the reference with its neighbours
+        return 'torch'
+    if x.is_cuda and KERNELS_AVAILABLE:
         return 'triton'
     return 'torch'
 
@@ -54,8 +60,7 @@ def switch_norm(x, *args, **kwargs):
     """Switchable Normalization on the backend :func:`backend_for` picks; arguments as for
     :func:`~mmsn.ops.reference.switch_norm_reference`."""
     if backend_for(x) == 'triton':
-        from .triton_switch_norm import switch_norm_triton
-        return switch_norm_triton(x, *args, **kwargs)
+        return switch_norm_triton(x, *args, composed=_compiling(), **kwargs)
     return switch_norm_reference(x, *args, **kwargs)
 
 
@@ -63,9 +68,9 @@ def switch_whiten(x, *args, num_pergroup: int, **kwargs):
     """Switchable Whitening on the backend :func:`backend_for` picks (the kernels take
     groups of 16, 32 or 64 channels; other group sizes always use the reference); arguments
     as for :func:`~mmsn.ops.reference.switch_whiten_reference`."""
-    if backend_for(x) == 'triton' and num_pergroup in (16, 32, 64):
-        from .triton_switch_whiten import switch_whiten_triton
-        return switch_whiten_triton(x, *args, num_pergroup=num_pergroup, **kwargs)
+    if backend_for(x) == 'triton' and num_pergroup in KERNEL_GROUP_SIZES:
+        return switch_whiten_triton(x, *args, num_pergroup=num_pergroup,
+                                    composed=_compiling(), **kwargs)
     return switch_whiten_reference(x, *args, num_pergroup=num_pergroup, **kwargs)
 
 __all__ = [

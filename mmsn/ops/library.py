@@ -1,0 +1,345 @@
+"""The Triton kernel launches, each also registered as a ``torch.library`` custom op
+(``torch.ops.mmsn.<name>``).
+
+Each launch is one kernel on a copy-free view of its input:
+
+* ``sn_moments`` / ``sw_moments``: the per-instance (IN) and per-(sample, group) (IW)
+  moments, float32 (float64 for float64 inputs);
+* ``sn_affine`` / ``sw_whiten``: ``y = x * scale + shift`` and ``y = M (x - centre) + shift``;
+* ``sn_grad_sums`` / ``sw_grad_sums`` and ``sn_grad_input`` / ``sw_grad_input``: the two
+  passes of the fused backward.
+
+The eager layers call the plain functions inside their autograd Functions (no dispatcher
+overhead, one ``dx`` pass through the saved mixing graph; ``triton_switch_norm.py``). The
+registered ops have fake implementations (torch.compile and export trace shapes without
+running a kernel), and the moments and affine/whiten ops carry autograd formulas built from
+the ops, so moments -> the mixing step in PyTorch -> affine is differentiable and traceable:
+that is how the kernels run under torch.compile. That composed backward writes ``dx`` in two
+passes plus their sum, where the fused eager backward writes it once.
+
+Needs torch >= 2.4 (``torch.library.custom_op``).
+"""
+import math
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import stats_dtype
+
+#: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
+KERNEL_GROUP_SIZES = (16, 32, 64)
+
+
+def block_size(length: int, cap: int = 1024) -> int:
+    """Power-of-two block covering ``length`` elements (at least 16, at most ``cap``)."""
+    return max(16, min(cap, 1 << max(0, (length - 1).bit_length())))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def accumulator(dtype: torch.dtype):
+    """The Triton accumulation type for statistics of ``dtype``."""
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def as_ncl(t: Tensor) -> Tensor:
+    """``t`` viewed as ``(N, C, L)`` without a copy (NCHW and channels_last both merge)."""
+    return t.view(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def as_groups(t: Tensor, per_group: int) -> Tensor:
+    """``t`` viewed as ``(N, G, c, L)`` with ``G * c = C``, without a copy."""
+    n, c = t.shape[:2]
+    return t.view(n, c // per_group, per_group, math.prod(t.shape[2:]))
+
+
+def viewable(t: Tensor, view: Callable[[Tensor], Tensor] = as_ncl) -> Tensor:
+    """``t`` itself when the kernels' view of it needs no copy (NCHW, channels_last), else a
+    contiguous copy."""
+    try:
+        view(t)
+        return t
+    except RuntimeError:
+        return t.contiguous()
+
+
+def _has_work(*sizes: int) -> bool:
+    return math.prod(sizes) > 0
+
+
+def _sw_args(per_group: int, dtype: torch.dtype, length: int) -> dict:
+    return dict(C_PER=per_group, BLOCK=block_size(length, 128), ACC=accumulator(dtype),
+                PRECISION='ieee')
+
+
+def _groups_view(t: Tensor, group_size: int) -> Tensor:
+    return as_groups(viewable(t, lambda u: as_groups(u, group_size)), group_size)
+
+
+# ---------------------------------------------------------------------------------------- SN
+
+def sn_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Population mean and variance of each (n, c) of ``(N, C, *)`` ``x``, ``(N, C)``."""
+    from ..kernels.switch_norm import _instance_moments_kernel
+    x3 = as_ncl(viewable(x))
+    n, c, length = x3.shape
+    mean = x.new_zeros((n, c), dtype=stats_dtype(x))
+    var = torch.zeros_like(mean)
+    if _has_work(n, c, length):
+        _instance_moments_kernel[(n * c,)](x3, mean, var, c, length, *x3.stride(),
+                                           BLOCK=block_size(length),
+                                           ACC=accumulator(mean.dtype))
+    return mean, var
+
+
+def _sn_moments_fake(x):
+    shape = tuple(x.shape[:2])
+    return x.new_empty(shape, dtype=stats_dtype(x)), x.new_empty(shape, dtype=stats_dtype(x))
+
+
+def sn_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y = x * scale + shift`` with ``(N, C)`` coefficients, computed in their dtype."""
+    from ..kernels.switch_norm import _affine_kernel
+    x3 = as_ncl(viewable(x))
+    y = torch.empty_like(x)
+    n, c, length = x3.shape
+    if _has_work(n, c, length):
+        y3 = as_ncl(y)
+        block = block_size(length)
+        _affine_kernel[(n * c, cdiv(length, block))](
+            x3, y3, scale.contiguous(), shift.contiguous(), c, length, *x3.stride(),
+            *y3.stride(), BLOCK=block, ACC=accumulator(scale.dtype))
+    return y
+
+
+def _sn_affine_fake(x, scale, shift):
+    return torch.empty_like(x)
+
+
+def sn_grad_sums(x: Tensor, dy: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``sum(dy)`` and ``sum(dy * x)`` of each (n, c), ``(N, C)`` in ``dtype``."""
+    from ..kernels.switch_norm import _grad_sums_kernel
+    x3, dy3 = as_ncl(viewable(x)), as_ncl(viewable(dy))
+    n, c, length = x3.shape
+    sum_dy = x.new_zeros((n, c), dtype=dtype)
+    sum_dyx = torch.zeros_like(sum_dy)
+    if _has_work(n, c, length):
+        _grad_sums_kernel[(n * c,)](x3, dy3, sum_dy, sum_dyx, c, length, *x3.stride(),
+                                    *dy3.stride(), BLOCK=block_size(length),
+                                    ACC=accumulator(dtype))
+    return sum_dy, sum_dyx
+
+
+def _sn_grad_sums_fake(x, dy, dtype):
+    shape = tuple(x.shape[:2])
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
+
+
+def sn_grad_input(x: Tensor, dy: Tensor, scale: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``dx = dy * scale + x * a + b`` with ``(N, C)`` coefficients, in one pass."""
+    from ..kernels.switch_norm import _grad_input_kernel
+    x3, dy3 = as_ncl(viewable(x)), as_ncl(viewable(dy))
+    dx = torch.empty_like(x)
+    n, c, length = x3.shape
+    if _has_work(n, c, length):
+        dx3 = as_ncl(dx)
+        block = block_size(length)
+        _grad_input_kernel[(n * c, cdiv(length, block))](
+            x3, dy3, dx3, scale.contiguous(), a.contiguous(), b.contiguous(), c, length,
+            *x3.stride(), *dy3.stride(), *dx3.stride(), BLOCK=block,
+            ACC=accumulator(scale.dtype))
+    return dx
+
+
+def _sn_grad_input_fake(x, dy, scale, a, b):
+    return torch.empty_like(x)
+
+
+def sn_moments_input_coefficients(d_mean: Tensor, d_var: Tensor, mean: Tensor,
+                                  length: int) -> Tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``dx = x * a + b`` the gradient through the IN moments:
+    ``mean = sum(x) / L``, ``var = sum((x - mean)^2) / L``."""
+    a = 2 * d_var / max(length, 1)
+    return a, d_mean / max(length, 1) - a * mean
+
+
+def _sn_moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _sn_moments_backward(ctx, d_mean, d_var):
+    x, mean = ctx.saved_tensors
+    d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
+    d_var = torch.zeros_like(mean) if d_var is None else d_var
+    a, b = sn_moments_input_coefficients(d_mean, d_var, mean, math.prod(x.shape[2:]))
+    return torch.ops.mmsn.sn_affine(x, a, b)
+
+
+def _sn_affine_setup(ctx, inputs, output):
+    x, scale, shift = inputs
+    ctx.save_for_backward(x, scale)
+
+
+def _sn_affine_backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    dx = d_scale = d_shift = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.mmsn.sn_affine(dy, scale, torch.zeros_like(scale))
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        d_shift, d_scale = torch.ops.mmsn.sn_grad_sums(x, dy, scale.dtype)
+    return dx, d_scale, d_shift
+
+
+
+
+# ---------------------------------------------------------------------------------------- SW
+
+def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
+    """IW mean ``(N, G, c)`` and population covariance ``(N, G, c, c)`` of each sample's
+    groups of ``group_size`` contiguous channels."""
+    from ..kernels.switch_whiten import _group_moments_kernel
+    x4 = _groups_view(x, group_size)
+    n, groups, c, length = x4.shape
+    mean = x.new_zeros((n, groups, c), dtype=stats_dtype(x))
+    cov = x.new_zeros((n, groups, c, c), dtype=mean.dtype)
+    if _has_work(n, groups, length):
+        _group_moments_kernel[(n * groups,)](x4, mean, cov, groups, length, *x4.stride(),
+                                             **_sw_args(c, mean.dtype, length))
+    return mean, cov
+
+
+def _sw_moments_fake(x, group_size):
+    n, groups = x.shape[0], x.shape[1] // group_size
+    dtype = stats_dtype(x)
+    return (x.new_empty((n, groups, group_size), dtype=dtype),
+            x.new_empty((n, groups, group_size, group_size), dtype=dtype))
+
+
+def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
+              group_size: int) -> Tensor:
+    """``y = matrix @ (x - centre) + shift`` on each (n, group): ``matrix`` ``(N, G, c, c)``,
+    ``centre`` and ``shift`` ``(N, G, c)``, computed in their dtype."""
+    from ..kernels.switch_whiten import _whiten_kernel
+    x4 = _groups_view(x, group_size)
+    y = torch.empty_like(x)
+    n, groups, c, length = x4.shape
+    if _has_work(n, groups, length):
+        y4 = as_groups(y, group_size)
+        args = _sw_args(c, matrix.dtype, length)
+        _whiten_kernel[(n * groups, cdiv(length, args['BLOCK']))](
+            x4, y4, matrix.contiguous(), centre.contiguous(), shift.contiguous(), groups,
+            length, *x4.stride(), *y4.stride(), **args)
+    return y
+
+
+def _sw_whiten_fake(x, matrix, centre, shift, group_size):
+    return torch.empty_like(x)
+
+
+def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
+                 group_size: int) -> Tuple[Tensor, Tensor]:
+    """``sum(dy (x - centre)^T)`` ``(N, G, c, c)`` and ``sum(dy)`` ``(N, G, c)``, in the dtype
+    of ``centre``."""
+    from ..kernels.switch_whiten import _whiten_grad_sums_kernel
+    x4, dy4 = _groups_view(x, group_size), _groups_view(dy, group_size)
+    n, groups, c, length = x4.shape
+    outer = x.new_zeros((n, groups, c, c), dtype=centre.dtype)
+    sum_dy = x.new_zeros((n, groups, c), dtype=centre.dtype)
+    if _has_work(n, groups, length):
+        _whiten_grad_sums_kernel[(n * groups,)](
+            x4, dy4, centre.contiguous(), outer, sum_dy, groups, length, *x4.stride(),
+            *dy4.stride(), **_sw_args(c, centre.dtype, length))
+    return outer, sum_dy
+
+
+def _sw_grad_sums_fake(x, dy, centre, group_size):
+    n, groups = x.shape[0], x.shape[1] // group_size
+    return (x.new_empty((n, groups, group_size, group_size), dtype=centre.dtype),
+            x.new_empty((n, groups, group_size), dtype=centre.dtype))
+
+
+def sw_grad_input(x: Tensor, dy: Tensor, matrix_t: Tensor, moment: Tensor, mean: Tensor,
+                  vector: Tensor, group_size: int) -> Tensor:
+    """``dx = matrix_t @ dy + moment @ (x - mean) + vector`` on each (n, group), one pass."""
+    from ..kernels.switch_whiten import _whiten_grad_input_kernel
+    x4, dy4 = _groups_view(x, group_size), _groups_view(dy, group_size)
+    dx = torch.empty_like(x)
+    n, groups, c, length = x4.shape
+    if _has_work(n, groups, length):
+        dx4 = as_groups(dx, group_size)
+        args = _sw_args(c, matrix_t.dtype, length)
+        _whiten_grad_input_kernel[(n * groups, cdiv(length, args['BLOCK']))](
+            x4, dy4, dx4, matrix_t.contiguous(), moment.contiguous(), mean.contiguous(),
+            vector.contiguous(), groups, length, *x4.stride(), *dy4.stride(), *dx4.stride(),
+            **args)
+    return dx
+
+
+def _sw_grad_input_fake(x, dy, matrix_t, moment, mean, vector, group_size):
+    return torch.empty_like(x)
+
+
+def sw_moments_input_coefficients(d_mean: Tensor, d_cov: Tensor,
+                                  length: int) -> Tuple[Tensor, Tensor]:
+    """``(A, v)`` with ``dx = A (x - mean) + v`` the gradient through the IW moments:
+    ``mean = sum(x) / L``, ``cov = sum((x - mean)(x - mean)^T) / L``."""
+    return (d_cov + d_cov.transpose(-1, -2)) / max(length, 1), d_mean / max(length, 1)
+
+
+def _sw_moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+    ctx.group_size = inputs[1]
+
+
+def _sw_moments_backward(ctx, d_mean, d_cov):
+    x, mean = ctx.saved_tensors
+    c = ctx.group_size
+    d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
+    d_cov = mean.new_zeros(mean.shape + (c,)) if d_cov is None else d_cov
+    moment, vector = sw_moments_input_coefficients(d_mean, d_cov, math.prod(x.shape[2:]))
+    return torch.ops.mmsn.sw_whiten(x, moment, mean, vector, c), None
+
+
+def _sw_whiten_setup(ctx, inputs, output):
+    x, matrix, centre, shift, group_size = inputs
+    ctx.save_for_backward(x, matrix, centre)
+    ctx.group_size = group_size
+
+
+def _sw_whiten_backward(ctx, dy):
+    x, matrix, centre = ctx.saved_tensors
+    dx = d_matrix = d_centre = d_shift = None
+    if ctx.needs_input_grad[0]:
+        zeros = torch.zeros_like(centre)
+        dx = torch.ops.mmsn.sw_whiten(dy, matrix.transpose(-1, -2), zeros, zeros,
+                                      ctx.group_size)
+    if any(ctx.needs_input_grad[1:4]):
+        d_matrix, d_shift = torch.ops.mmsn.sw_grad_sums(x, dy, centre, ctx.group_size)
+        d_centre = -torch.matmul(matrix.transpose(-1, -2), d_shift[..., None])[..., 0]
+    return dx, d_matrix, d_centre, d_shift, None
+
+
+def _register() -> None:
+    """Registers the launches above as ``torch.ops.mmsn.*`` with fake implementations, and
+    the autograd formulas of the differentiable ones."""
+    fakes = {sn_moments: _sn_moments_fake, sn_affine: _sn_affine_fake,
+             sn_grad_sums: _sn_grad_sums_fake, sn_grad_input: _sn_grad_input_fake,
+             sw_moments: _sw_moments_fake, sw_whiten: _sw_whiten_fake,
+             sw_grad_sums: _sw_grad_sums_fake, sw_grad_input: _sw_grad_input_fake}
+    autograd = {sn_moments: (_sn_moments_backward, _sn_moments_setup),
+                sn_affine: (_sn_affine_backward, _sn_affine_setup),
+                sw_moments: (_sw_moments_backward, _sw_moments_setup),
+                sw_whiten: (_sw_whiten_backward, _sw_whiten_setup)}
+    for launch, fake in fakes.items():
+        op = torch.library.custom_op(f'mmsn::{launch.__name__}', launch, mutates_args=())
+        op.register_fake(fake)
+        if launch in autograd:
+            backward, setup = autograd[launch]
+            op.register_autograd(backward, setup_context=setup)
+
+
+_register()
