@@ -103,6 +103,30 @@ def test_large_means_channels_last_and_no_bn_branch(monkeypatch):
     compare(random_layer(SwitchNorm2d, 4, using_bn=False), x, torch.float32, monkeypatch)
 
 
+@pytest.mark.parametrize('shape,layout,splits', [
+    ((1, 2, 48, 48), 'nchw', 2), ((1, 80, 7, 9), 'channels_last', 2),
+    ((2, 70, 1, 1), 'nchw', 1)], ids=['nchw-split-L', 'channels_last-2-channel-blocks',
+                                       '1x1-wide-channel-tile'])
+def test_sn_tiles_and_split_reductions(shape, layout, splits, monkeypatch):
+    """Tiles that span several channels (masked past C), channels_last tiles, and
+    reductions split over L and merged on the host."""
+    from mmsn.ops.library import _SNPlan, as_ncl
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3 + 2
+    if layout == 'channels_last':
+        x = x.to(memory_format=torch.channels_last)
+    assert _SNPlan(as_ncl(x)).splits == splits  # (the CPU plan targets 4 programs)
+    compare(random_layer(SwitchNorm2d, shape[1]), x, torch.float32, monkeypatch)
+
+
+def test_gradient_in_another_layout_is_copied_once():
+    from mmsn.ops.library import as_ncl, in_layout_of
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    dy = torch.randn(2, 3, 4, 5)
+    got = in_layout_of(dy, as_ncl(x))
+    assert got.stride() == as_ncl(x).stride() and torch.equal(got, as_ncl(dy))
+    assert in_layout_of(x, as_ncl(x)).data_ptr() == x.data_ptr()
+
+
 @pytest.mark.parametrize('cls,shape', [(SwitchNorm1d, (4, 3)), (SwitchNorm1d, (2, 3, 10)),
                                        (SwitchNorm3d, (2, 3, 2, 3, 4)),
                                        (SyncSwitchNorm, (2, 3, 4, 4))])
@@ -150,14 +174,18 @@ def test_sw_kernels_match_reference(sw_type, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize('case', ['1x1-N1', 'channels_last', 'tie_weight', 'sync-fallback',
-                                  'group32', 'large-mean'])
+                                  'group32', 'large-mean', 'split-L'])
 def test_sw_kernels_odd_cases(case, monkeypatch):
     kwargs = dict(tie_weight=True) if case == 'tie_weight' else {}
     cls = SyncSwitchWhiten2d if case == 'sync-fallback' else SwitchWhiten2d
     layer = random_whitening(64 if case == 'group32' else 32, cls=cls, **kwargs)
     if case == 'group32':
         layer = SwitchWhiten2d(64, num_pergroup=32)
-    shape = (1, 32, 1, 1) if case == '1x1-N1' else (2, layer.num_features, 4, 6)
+    shape = {'1x1-N1': (1, 32, 1, 1), 'split-L': (1, 32, 12, 12)}.get(
+        case, (2, layer.num_features, 4, 6))
+    if case == 'split-L':  # 2 (sample, group) programs, 144 positions: 2 splits of 128
+        from mmsn.ops.library import split_reduction
+        assert split_reduction(2, 144, 128, torch.device('cpu')) == (2, 128)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     if case == 'channels_last':
         x = x.to(memory_format=torch.channels_last)

@@ -7,106 +7,129 @@ SN needs, per (n, c) instance of ``x`` viewed as ``(N, C, L)`` (L = the spatial 
 * backward: the sums of ``dy`` and ``dy * x`` (one read of each), then
   ``dx = dy * scale + x * a + b`` (one read of each, one write).
 
-All statistics are accumulated in float32 (float64 for float64 inputs), relative to the
-instance's first element, with per-block mean/M2 merged by Chan's formula, so large means
-lose no precision. Strides are arguments,
-so NCHW and channels_last (both views as ``(N, C, L)``) run without copies.
+Every kernel works on ``(BLOCK_C, BLOCK_L)`` tiles: BLOCK_C channels of one sample by BLOCK_L
+positions. Strides are arguments, so NCHW (positions contiguous: a wide tile) and
+channels_last (channels contiguous: a tall tile) are both read with coalesced loads and
+without copies; the host picks the tile shape (``mmsn/ops/library.py``).
+
+The reductions split L over ``program_id(1)`` when there are too few (sample, channel-block)
+programs to fill the GPU, each split writing its partial result; the host merges the splits
+in a fixed order (deterministic, no atomics). Statistics are accumulated in float32 (float64
+for float64 inputs) relative to the instance's first element, with per-tile mean/M2 merged by
+Chan's formula, so large means lose no precision.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _instance(C):
-    """This program's (n, c) instance: its flat index and int64 coordinates."""
-    instance = tl.program_id(0)
-    return instance, (instance // C).to(tl.int64), (instance % C).to(tl.int64)
+def _tile_rows(C, BLOCK_C: tl.constexpr):
+    """This program's sample ``n`` (int64), its channel rows and their mask."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    program = tl.program_id(0)
+    rows = (program % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return (program // c_blocks).to(tl.int64), rows, rows < C
 
 
 @triton.jit
-def _at(ptr, n, c, offsets, stride_n, stride_c, stride_l):
-    """Addresses of elements ``offsets`` of instance (n, c) of an (N, C, L) view."""
-    return ptr + n * stride_n + c * stride_c + offsets.to(tl.int64) * stride_l
+def _tile(ptr, n, rows, row_mask, offsets, end, stride_n, stride_c, stride_l):
+    """Addresses and mask of the (rows x offsets) tile of sample ``n``, positions < end."""
+    at = (ptr + n * stride_n + rows[:, None].to(tl.int64) * stride_c
+          + offsets[None, :].to(tl.int64) * stride_l)
+    return at, row_mask[:, None] & (offsets[None, :] < end)
 
 
 @triton.jit
-def _instance_moments_kernel(x_ptr, mean_ptr, var_ptr, C, L, stride_n, stride_c, stride_l,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr):
-    instance, n, c = _instance(C)
-    base = x_ptr + n * stride_n + c * stride_c
-    # Moments of x - x[0]: for large means the block sums then carry no cancellation.
-    pivot = tl.load(base).to(ACC)
+def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, chunk, stride_n, stride_c,
+                    stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                    ACC: tl.constexpr):
+    n, rows, row_mask = _tile_rows(C, BLOCK_C)
+    split = tl.program_id(1)
+    # Moments of x - x[n, c, 0]: for large means the tile sums then carry no cancellation.
+    pivot = tl.load(x_ptr + n * stride_n + rows.to(tl.int64) * stride_c, mask=row_mask,
+                    other=0.0).to(ACC)
     count = tl.zeros((), dtype=ACC)
-    mean = tl.zeros((), dtype=ACC)
-    m2 = tl.zeros((), dtype=ACC)
-    for start in range(0, L, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < L
-        values = tl.load(base + offsets.to(tl.int64) * stride_l, mask=mask, other=0.0).to(ACC)
-        values = tl.where(mask, values - pivot, 0.0)
-        block_count = tl.sum(mask.to(ACC), axis=0)
-        block_mean = tl.sum(values, axis=0) / block_count
-        centred = tl.where(mask, values - block_mean, 0.0)
-        block_m2 = tl.sum(centred * centred, axis=0)
-        # Chan et al.: merge (count, mean, m2) with the block's
-        total = count + block_count
-        delta = block_mean - mean
-        mean = mean + delta * (block_count / total)
-        m2 = m2 + block_m2 + delta * delta * (count * block_count / total)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
+    first = split * chunk
+    end = tl.minimum(first + chunk, L)
+    for start in range(first, end, BLOCK_L):
+        offsets = start + tl.arange(0, BLOCK_L)
+        at, mask = _tile(x_ptr, n, rows, row_mask, offsets, end, stride_n, stride_c, stride_l)
+        values = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(ACC) - pivot[:, None], 0.0)
+        tile_count = tl.sum((offsets < end).to(ACC), axis=0)
+        tile_mean = tl.sum(values, axis=1) / tile_count
+        centred = tl.where(mask, values - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=1)
+        # Chan et al.: merge (count, mean, m2) with the tile's
+        total = count + tile_count
+        delta = tile_mean - mean
+        mean = mean + delta * (tile_count / total)
+        m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
         count = total
-    tl.store(mean_ptr + instance, pivot + mean)
-    tl.store(var_ptr + instance, m2 / count)
+    out = split * NC + n * C + rows
+    tl.store(mean_ptr + out, mean, mask=row_mask)
+    tl.store(m2_ptr + out, m2, mask=row_mask)
+    if split == 0:
+        tl.store(pivot_ptr + n * C + rows, pivot, mask=row_mask)
 
 
 @triton.jit
 def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, stride_n, stride_c, stride_l,
-                   y_stride_n, y_stride_c, y_stride_l, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    instance, n, c = _instance(C)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < L
-    scale = tl.load(scale_ptr + instance)
-    shift = tl.load(shift_ptr + instance)
-    values = tl.load(_at(x_ptr, n, c, offsets, stride_n, stride_c, stride_l), mask=mask,
-                     other=0.0).to(ACC)
-    tl.store(_at(y_ptr, n, c, offsets, y_stride_n, y_stride_c, y_stride_l),
-             (values * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+                   y_stride_n, y_stride_c, y_stride_l, BLOCK_C: tl.constexpr,
+                   BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    n, rows, row_mask = _tile_rows(C, BLOCK_C)
+    offsets = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    scale = tl.load(scale_ptr + n * C + rows, mask=row_mask, other=0.0)
+    shift = tl.load(shift_ptr + n * C + rows, mask=row_mask, other=0.0)
+    at, mask = _tile(x_ptr, n, rows, row_mask, offsets, L, stride_n, stride_c, stride_l)
+    values = tl.load(at, mask=mask, other=0.0).to(ACC)
+    y_at, _ = _tile(y_ptr, n, rows, row_mask, offsets, L, y_stride_n, y_stride_c, y_stride_l)
+    tl.store(y_at, (values * scale[:, None] + shift[:, None]).to(y_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
-def _grad_sums_kernel(x_ptr, dy_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, stride_n, stride_c,
-                      stride_l, dy_stride_n, dy_stride_c, dy_stride_l, BLOCK: tl.constexpr,
-                      ACC: tl.constexpr):
-    instance, n, c = _instance(C)
-    sum_dy = tl.zeros((BLOCK,), dtype=ACC)
-    sum_dyx = tl.zeros((BLOCK,), dtype=ACC)
-    for start in range(0, L, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < L
-        values = tl.load(_at(x_ptr, n, c, offsets, stride_n, stride_c, stride_l), mask=mask,
-                         other=0.0).to(ACC)
-        grads = tl.load(_at(dy_ptr, n, c, offsets, dy_stride_n, dy_stride_c, dy_stride_l),
-                        mask=mask, other=0.0).to(ACC)
+def _grad_sums_kernel(x_ptr, dy_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, chunk, stride_n,
+                      stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
+                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    n, rows, row_mask = _tile_rows(C, BLOCK_C)
+    split = tl.program_id(1)
+    sum_dy = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)
+    sum_dyx = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)
+    first = split * chunk
+    end = tl.minimum(first + chunk, L)
+    for start in range(first, end, BLOCK_L):
+        offsets = start + tl.arange(0, BLOCK_L)
+        at, mask = _tile(x_ptr, n, rows, row_mask, offsets, end, stride_n, stride_c, stride_l)
+        dy_at, _ = _tile(dy_ptr, n, rows, row_mask, offsets, end, dy_stride_n, dy_stride_c,
+                         dy_stride_l)
+        values = tl.load(at, mask=mask, other=0.0).to(ACC)
+        grads = tl.load(dy_at, mask=mask, other=0.0).to(ACC)
         sum_dy += grads
         sum_dyx += grads * values
-    # fixed-order tree reduction: deterministic, no atomics
-    tl.store(sum_dy_ptr + instance, tl.sum(sum_dy, axis=0))
-    tl.store(sum_dyx_ptr + instance, tl.sum(sum_dyx, axis=0))
+    # fixed-order tree reductions: deterministic, no atomics
+    out = split * NC + n * C + rows
+    tl.store(sum_dy_ptr + out, tl.sum(sum_dy, axis=1), mask=row_mask)
+    tl.store(sum_dyx_ptr + out, tl.sum(sum_dyx, axis=1), mask=row_mask)
 
 
 @triton.jit
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, C, L, stride_n,
                        stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
-                       dx_stride_n, dx_stride_c, dx_stride_l, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
-    instance, n, c = _instance(C)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < L
-    scale = tl.load(scale_ptr + instance)
-    a = tl.load(a_ptr + instance)
-    b = tl.load(b_ptr + instance)
-    values = tl.load(_at(x_ptr, n, c, offsets, stride_n, stride_c, stride_l), mask=mask,
-                     other=0.0).to(ACC)
-    grads = tl.load(_at(dy_ptr, n, c, offsets, dy_stride_n, dy_stride_c, dy_stride_l),
-                    mask=mask, other=0.0).to(ACC)
-    tl.store(_at(dx_ptr, n, c, offsets, dx_stride_n, dx_stride_c, dx_stride_l),
-             (grads * scale + values * a + b).to(dx_ptr.dtype.element_ty), mask=mask)
+                       dx_stride_n, dx_stride_c, dx_stride_l, BLOCK_C: tl.constexpr,
+                       BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    n, rows, row_mask = _tile_rows(C, BLOCK_C)
+    offsets = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    scale = tl.load(scale_ptr + n * C + rows, mask=row_mask, other=0.0)
+    a = tl.load(a_ptr + n * C + rows, mask=row_mask, other=0.0)
+    b = tl.load(b_ptr + n * C + rows, mask=row_mask, other=0.0)
+    at, mask = _tile(x_ptr, n, rows, row_mask, offsets, L, stride_n, stride_c, stride_l)
+    dy_at, _ = _tile(dy_ptr, n, rows, row_mask, offsets, L, dy_stride_n, dy_stride_c,
+                     dy_stride_l)
+    values = tl.load(at, mask=mask, other=0.0).to(ACC)
+    grads = tl.load(dy_at, mask=mask, other=0.0).to(ACC)
+    dx_at, _ = _tile(dx_ptr, n, rows, row_mask, offsets, L, dx_stride_n, dx_stride_c,
+                     dx_stride_l)
+    out = grads * scale[:, None] + values * a[:, None] + b[:, None]
+    tl.store(dx_at, out.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -3,7 +3,9 @@
 Per (n, group) instance of ``x`` viewed as ``(N, G, c, L)``:
 
 * forward: the IW mean and covariance (one read of x; ``tl.dot`` of c x BLOCK tiles, float32
-  accumulation relative to the instance's first column, so large means lose nothing), then
+  accumulation relative to the instance's first column, so large means lose nothing; the
+  sums are split over L when there are too few instances to fill the GPU, and the host adds
+  the splits in a fixed order), then
   ``y = M @ (x - centre) + shift`` with ``M`` the (affine-scaled) whitening matrix from the
   small mixing step (one read, one write);
 * backward: ``sum(dy (x - centre)^T)`` and ``sum(dy)`` (one read of x and dy), then
@@ -34,25 +36,29 @@ def _group_instance(G, C_PER: tl.constexpr):
 
 
 @triton.jit
-def _group_moments_kernel(x_ptr, mean_ptr, cov_ptr, G, L, stride_n, stride_g, stride_c,
-                          stride_l, C_PER: tl.constexpr, BLOCK: tl.constexpr,
-                          ACC: tl.constexpr, PRECISION: tl.constexpr):
+def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk, stride_n,
+                          stride_g, stride_c, stride_l, C_PER: tl.constexpr,
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     instance, n, g, rows = _group_instance(G, C_PER)
+    split = tl.program_id(1)
     first, _ = _group_tile(x_ptr, n, g, tl.arange(0, 1), L, C_PER, stride_n, stride_g,
                            stride_c, stride_l)
     pivot = tl.load(first).to(ACC)                                   # (c, 1)
     total = tl.zeros((C_PER,), dtype=ACC)
     gram = tl.zeros((C_PER, C_PER), dtype=ACC)
-    for start in range(0, L, BLOCK):
-        at, mask = _group_tile(x_ptr, n, g, start + tl.arange(0, BLOCK), L, C_PER, stride_n,
+    start_at = split * chunk
+    end = tl.minimum(start_at + chunk, L)
+    for start in range(start_at, end, BLOCK):
+        at, mask = _group_tile(x_ptr, n, g, start + tl.arange(0, BLOCK), end, C_PER, stride_n,
                                stride_g, stride_c, stride_l)
         tile = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(ACC) - pivot, 0.0)
         total += tl.sum(tile, axis=1)
         gram += tl.dot(tile, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
-    mean = total / L
-    cov = gram / L - mean[:, None] * mean[None, :]
-    tl.store(mean_ptr + instance * C_PER + rows, mean + tl.reshape(pivot, (C_PER,)))
-    tl.store(cov_ptr + instance * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], cov)
+    out = split * NG + instance
+    tl.store(total_ptr + out * C_PER + rows, total)
+    tl.store(gram_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], gram)
+    if split == 0:
+        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)))
 
 
 @triton.jit
@@ -81,27 +87,30 @@ def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, stride
 
 
 @triton.jit
-def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L,
+def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L, NG, chunk,
                              stride_n, stride_g, stride_c, stride_l, dy_stride_n, dy_stride_g,
                              dy_stride_c, dy_stride_l, C_PER: tl.constexpr,
                              BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     instance, n, g, rows = _group_instance(G, C_PER)
+    split = tl.program_id(1)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
     outer = tl.zeros((C_PER, C_PER), dtype=ACC)
     total = tl.zeros((C_PER,), dtype=ACC)
-    for start in range(0, L, BLOCK):
+    start_at = split * chunk
+    end = tl.minimum(start_at + chunk, L)
+    for start in range(start_at, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
-        at, mask = _group_tile(x_ptr, n, g, offsets, L, C_PER, stride_n, stride_g, stride_c,
+        at, mask = _group_tile(x_ptr, n, g, offsets, end, C_PER, stride_n, stride_g, stride_c,
                                stride_l)
         tile = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(ACC) - centre[:, None], 0.0)
-        dy_at, _ = _group_tile(dy_ptr, n, g, offsets, L, C_PER, dy_stride_n, dy_stride_g,
+        dy_at, _ = _group_tile(dy_ptr, n, g, offsets, end, C_PER, dy_stride_n, dy_stride_g,
                                dy_stride_c, dy_stride_l)
         grads = tl.load(dy_at, mask=mask, other=0.0).to(ACC)
         outer += tl.dot(grads, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
         total += tl.sum(grads, axis=1)
-    tl.store(outer_ptr + instance * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :],
-             outer)
-    tl.store(sum_dy_ptr + instance * C_PER + rows, total)
+    out = split * NG + instance
+    tl.store(outer_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], outer)
+    tl.store(sum_dy_ptr + out * C_PER + rows, total)
 
 
 @triton.jit

@@ -19,21 +19,28 @@ passes plus their sum, where the fused eager backward writes it once.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
+import functools
 import math
 from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 
+from .moments import merge_moments
 from .reference import stats_dtype
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
 
 
+def _pow2(size: int) -> int:
+    """The smallest power of two >= ``size`` (1 for 0)."""
+    return 1 << max(0, (size - 1).bit_length())
+
+
 def block_size(length: int, cap: int = 1024) -> int:
     """Power-of-two block covering ``length`` elements (at least 16, at most ``cap``)."""
-    return max(16, min(cap, 1 << max(0, (length - 1).bit_length())))
+    return max(16, min(cap, _pow2(length)))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -67,6 +74,65 @@ def viewable(t: Tensor, view: Callable[[Tensor], Tensor] = as_ncl) -> Tensor:
         return t.contiguous()
 
 
+def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` viewed as ``(N, C, L)`` in the layout of ``like`` (an ``(N, C, L)`` view): a
+    gradient that arrives NCHW for a channels_last input is copied once rather than read
+    uncoalesced."""
+    t3 = as_ncl(viewable(t))
+    if all(a == b for a, b, size in zip(t3.stride(), like.stride(), like.shape) if size > 1):
+        return t3
+    return torch.empty_like(like).copy_(t3)
+
+
+class _SNPlan:
+    """Tile shape and grids of the SN kernels for an ``(N, C, L)`` view.
+
+    A tile is BLOCK_C channels x BLOCK_L positions of one sample, about ``TILE`` elements,
+    long along the contiguous axis: positions for NCHW, channels for channels_last (whose
+    loads would otherwise stride by C). The reductions split L when the (sample,
+    channel-block) programs alone would leave the GPU idle.
+    """
+    TILE = 2048
+    MAX_CHANNELS = 64  # a channels_last tile still spans several positions
+
+    def __init__(self, x3: Tensor):
+        n, c, length = x3.shape
+        if x3.stride(1) == 1 and length > 1:
+            self.block_c = min(_pow2(c), self.MAX_CHANNELS)
+            self.block_l = min(_pow2(length), max(1, self.TILE // self.block_c))
+        else:
+            self.block_l = min(_pow2(length), self.TILE)
+            self.block_c = min(_pow2(c), max(1, self.TILE // self.block_l))
+        programs = n * cdiv(c, self.block_c)
+        blocks = cdiv(length, self.block_l)
+        self.splits, self.chunk = split_reduction(programs, length, self.block_l, x3.device)
+        self.reduce_grid = (programs, self.splits)
+        self.pointwise_grid = (programs, blocks)
+
+    def meta(self, dtype: torch.dtype) -> dict:
+        return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype))
+
+
+def split_reduction(programs: int, length: int, block: int,
+                    device: torch.device) -> Tuple[int, int]:
+    """``(splits, chunk)``: a reduction over ``length`` positions by ``programs`` programs is
+    cut into ``splits`` chunks of ``chunk`` positions (a multiple of ``block``), enough to
+    fill the device, none empty."""
+    blocks = cdiv(length, block)
+    wanted = min(blocks, max(1, cdiv(_programs_to_fill(device), programs)))
+    per_split = cdiv(blocks, wanted)
+    return cdiv(blocks, per_split), per_split * block
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_to_fill(device: torch.device) -> int:
+    """Programs that keep every streaming multiprocessor busy (a few per SM); on the CPU
+    (the interpreter, in tests) a small number, so that the split path is exercised."""
+    if device.type == 'cuda':
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def _has_work(*sizes: int) -> bool:
     return math.prod(sizes) > 0
 
@@ -84,16 +150,25 @@ def _groups_view(t: Tensor, group_size: int) -> Tensor:
 
 def sn_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Population mean and variance of each (n, c) of ``(N, C, *)`` ``x``, ``(N, C)``."""
-    from ..kernels.switch_norm import _instance_moments_kernel
+    from ..kernels.switch_norm import _moments_kernel
     x3 = as_ncl(viewable(x))
     n, c, length = x3.shape
-    mean = x.new_zeros((n, c), dtype=stats_dtype(x))
-    var = torch.zeros_like(mean)
-    if _has_work(n, c, length):
-        _instance_moments_kernel[(n * c,)](x3, mean, var, c, length, *x3.stride(),
-                                           BLOCK=block_size(length),
-                                           ACC=accumulator(mean.dtype))
-    return mean, var
+    dtype = stats_dtype(x)
+    if not _has_work(n, c, length):
+        return x.new_zeros((n, c), dtype=dtype), x.new_zeros((n, c), dtype=dtype)
+    plan = _SNPlan(x3)
+    pivot = x.new_empty((n, c), dtype=dtype)
+    means = x.new_empty((plan.splits, n, c), dtype=dtype)
+    m2s = torch.empty_like(means)
+    _moments_kernel[plan.reduce_grid](x3, pivot, means, m2s, c, length, n * c, plan.chunk,
+                                      *x3.stride(), **plan.meta(dtype))
+    if plan.splits == 1:
+        mean, m2 = means[0], m2s[0]
+    else:  # the splits' moments about the same pivot, merged in a fixed order
+        counts = (length - plan.chunk * torch.arange(plan.splits, device=x.device)).clamp(
+            max=plan.chunk).to(dtype).reshape(-1, 1, 1)
+        _, mean, m2 = merge_moments(counts, means, m2s, dim=0)
+    return pivot + mean, m2 / length
 
 
 def _sn_moments_fake(x):
@@ -106,13 +181,12 @@ def sn_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     from ..kernels.switch_norm import _affine_kernel
     x3 = as_ncl(viewable(x))
     y = torch.empty_like(x)
-    n, c, length = x3.shape
-    if _has_work(n, c, length):
+    if _has_work(*x3.shape):
         y3 = as_ncl(y)
-        block = block_size(length)
-        _affine_kernel[(n * c, cdiv(length, block))](
-            x3, y3, scale.contiguous(), shift.contiguous(), c, length, *x3.stride(),
-            *y3.stride(), BLOCK=block, ACC=accumulator(scale.dtype))
+        plan = _SNPlan(x3)
+        _affine_kernel[plan.pointwise_grid](
+            x3, y3, scale.contiguous(), shift.contiguous(), x3.shape[1], x3.shape[2],
+            *x3.stride(), *y3.stride(), **plan.meta(scale.dtype))
     return y
 
 
@@ -123,15 +197,18 @@ def _sn_affine_fake(x, scale, shift):
 def sn_grad_sums(x: Tensor, dy: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """``sum(dy)`` and ``sum(dy * x)`` of each (n, c), ``(N, C)`` in ``dtype``."""
     from ..kernels.switch_norm import _grad_sums_kernel
-    x3, dy3 = as_ncl(viewable(x)), as_ncl(viewable(dy))
+    x3 = as_ncl(viewable(x))
+    dy3 = as_ncl(in_layout_of(dy, x3))
     n, c, length = x3.shape
-    sum_dy = x.new_zeros((n, c), dtype=dtype)
-    sum_dyx = torch.zeros_like(sum_dy)
-    if _has_work(n, c, length):
-        _grad_sums_kernel[(n * c,)](x3, dy3, sum_dy, sum_dyx, c, length, *x3.stride(),
-                                    *dy3.stride(), BLOCK=block_size(length),
-                                    ACC=accumulator(dtype))
-    return sum_dy, sum_dyx
+    if not _has_work(n, c, length):
+        return x.new_zeros((n, c), dtype=dtype), x.new_zeros((n, c), dtype=dtype)
+    plan = _SNPlan(x3)
+    sums_dy = x.new_empty((plan.splits, n, c), dtype=dtype)
+    sums_dyx = torch.empty_like(sums_dy)
+    _grad_sums_kernel[plan.reduce_grid](x3, dy3, sums_dy, sums_dyx, c, length, n * c,
+                                        plan.chunk, *x3.stride(), *dy3.stride(),
+                                        **plan.meta(dtype))
+    return sums_dy.sum(0), sums_dyx.sum(0)
 
 
 def _sn_grad_sums_fake(x, dy, dtype):
@@ -142,16 +219,15 @@ def _sn_grad_sums_fake(x, dy, dtype):
 def sn_grad_input(x: Tensor, dy: Tensor, scale: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``dx = dy * scale + x * a + b`` with ``(N, C)`` coefficients, in one pass."""
     from ..kernels.switch_norm import _grad_input_kernel
-    x3, dy3 = as_ncl(viewable(x)), as_ncl(viewable(dy))
+    x3 = as_ncl(viewable(x))
+    dy3 = as_ncl(in_layout_of(dy, x3))
     dx = torch.empty_like(x)
-    n, c, length = x3.shape
-    if _has_work(n, c, length):
+    if _has_work(*x3.shape):
         dx3 = as_ncl(dx)
-        block = block_size(length)
-        _grad_input_kernel[(n * c, cdiv(length, block))](
-            x3, dy3, dx3, scale.contiguous(), a.contiguous(), b.contiguous(), c, length,
-            *x3.stride(), *dy3.stride(), *dx3.stride(), BLOCK=block,
-            ACC=accumulator(scale.dtype))
+        plan = _SNPlan(x3)
+        _grad_input_kernel[plan.pointwise_grid](
+            x3, dy3, dx3, scale.contiguous(), a.contiguous(), b.contiguous(), x3.shape[1],
+            x3.shape[2], *x3.stride(), *dy3.stride(), *dx3.stride(), **plan.meta(scale.dtype))
     return dx
 
 
@@ -204,12 +280,21 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     from ..kernels.switch_whiten import _group_moments_kernel
     x4 = _groups_view(x, group_size)
     n, groups, c, length = x4.shape
-    mean = x.new_zeros((n, groups, c), dtype=stats_dtype(x))
-    cov = x.new_zeros((n, groups, c, c), dtype=mean.dtype)
-    if _has_work(n, groups, length):
-        _group_moments_kernel[(n * groups,)](x4, mean, cov, groups, length, *x4.stride(),
-                                             **_sw_args(c, mean.dtype, length))
-    return mean, cov
+    dtype = stats_dtype(x)
+    if not _has_work(n, groups, length):
+        return (x.new_zeros((n, groups, c), dtype=dtype),
+                x.new_zeros((n, groups, c, c), dtype=dtype))
+    args = _sw_args(c, dtype, length)
+    splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
+    pivot = x.new_empty((n, groups, c), dtype=dtype)
+    totals = x.new_empty((splits, n, groups, c), dtype=dtype)
+    grams = x.new_empty((splits, n, groups, c, c), dtype=dtype)
+    _group_moments_kernel[(n * groups, splits)](x4, pivot, totals, grams, groups, length,
+                                                n * groups, chunk, *x4.stride(), **args)
+    # sums of x - pivot (the first column): no cancellation for large means
+    mean = totals.sum(0) / length
+    cov = grams.sum(0) / length - mean[..., :, None] * mean[..., None, :]
+    return pivot + mean, cov
 
 
 def _sw_moments_fake(x, group_size):
@@ -247,13 +332,17 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     from ..kernels.switch_whiten import _whiten_grad_sums_kernel
     x4, dy4 = _groups_view(x, group_size), _groups_view(dy, group_size)
     n, groups, c, length = x4.shape
-    outer = x.new_zeros((n, groups, c, c), dtype=centre.dtype)
-    sum_dy = x.new_zeros((n, groups, c), dtype=centre.dtype)
-    if _has_work(n, groups, length):
-        _whiten_grad_sums_kernel[(n * groups,)](
-            x4, dy4, centre.contiguous(), outer, sum_dy, groups, length, *x4.stride(),
-            *dy4.stride(), **_sw_args(c, centre.dtype, length))
-    return outer, sum_dy
+    if not _has_work(n, groups, length):
+        return (x.new_zeros((n, groups, c, c), dtype=centre.dtype),
+                x.new_zeros((n, groups, c), dtype=centre.dtype))
+    args = _sw_args(c, centre.dtype, length)
+    splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
+    outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
+    sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
+    _whiten_grad_sums_kernel[(n * groups, splits)](
+        x4, dy4, centre.contiguous(), outers, sums_dy, groups, length, n * groups, chunk,
+        *x4.stride(), *dy4.stride(), **args)
+    return outers.sum(0), sums_dy.sum(0)
 
 
 def _sw_grad_sums_fake(x, dy, centre, group_size):
