@@ -208,6 +208,8 @@ def sn_grad_sums(x: Tensor, dy: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Ten
     _grad_sums_kernel[plan.reduce_grid](x3, dy3, sums_dy, sums_dyx, c, length, n * c,
                                         plan.chunk, *x3.stride(), *dy3.stride(),
                                         **plan.meta(dtype))
+    if plan.splits == 1:
+        return sums_dy[0], sums_dyx[0]
     return sums_dy.sum(0), sums_dyx.sum(0)
 
 
