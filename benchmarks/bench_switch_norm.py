@@ -6,7 +6,8 @@ cuDNN BatchNorm2d and GroupNorm(32), over the ResNet-50 norm shapes, measured in
 
 Reports ms, effective bandwidth (the minimal bytes: forward reads x and writes y, backward
 reads x and dy and writes dx) and its fraction of the measured copy bandwidth, peak memory,
-and each time as a ratio to BatchNorm2d in the same run. Needs only torch (+ triton).
+each time as a ratio to BatchNorm2d in the same run, and the kernels' speed-up over the
+reference. Needs only torch (+ triton).
 """
 import argparse
 import os.path as osp
@@ -114,8 +115,16 @@ def sweep(args, make_layers, backends, title):
                                              layout=layout, shape=f'{n}x{c}x{h}x{w}', ms=ms,
                                              GBps=gbps, copy_fraction=gbps / bandwidth,
                                              peak_MiB=peak))
-                    for row in rows[-len(made) * 3:]:
+                    these = rows[-len(made) * 3:]
+                    ms_of = {(r['op'], r['pass_']): r['ms'] for r in these}
+                    for row in these:
                         row['vs_BN'] = row['ms'] / bn_ms[row['pass_']]
+                        # the kernels' speed-up over mmsn's reference on the same layer
+                        reference = ms_of.get((row['op'].replace('-triton', '-torch'),
+                                               row['pass_']))
+                        row['speedup_vs_reference'] = (
+                            reference / row['ms'] if reference and '-triton' in row['op']
+                            else float('nan'))
     report(rows, args.csv, f'{title} (copy bandwidth {bandwidth:.0f} GB/s)')
 
 

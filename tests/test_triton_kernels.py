@@ -57,7 +57,7 @@ def assert_match(got, want, dtype, what):
 
 
 def compare(layer, x, dtype, monkeypatch, train=True):
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
     reference = run(copy.deepcopy(layer), x, grad, 'torch', monkeypatch, train)
     kernels = run(copy.deepcopy(layer), x, grad, 'triton', monkeypatch, train)
     assert kernels['y'].dtype == x.dtype and kernels['y'].shape == x.shape
@@ -279,3 +279,31 @@ def test_composed_ops_match_reference(case, monkeypatch):
         x = x.to(memory_format=torch.channels_last)
     compare(layer, x, dtype, monkeypatch, train=True)
     compare(layer, x, dtype, monkeypatch, train=False)
+
+
+# ResNet-50's norm shapes at 224x224 (channels, height, width), for the GPU run
+RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
+                   (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
+                   (512, 7, 7), (2048, 7, 7)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason='needs a CUDA GPU (run through the device tool)')
+
+
+@needs_cuda
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('chw', RESNET50_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_kernels_on_resnet50_shapes_on_the_gpu(chw, dtype, layout, monkeypatch):
+    """The compiled kernels (not the interpreter) at real sizes, N = 8: SN, and SW (16
+    channels per group, sw_type 2 and 5) where the layer would sit."""
+    x = (torch.randn((8,) + chw, generator=torch.Generator().manual_seed(9)) + 0.5).to(dtype)
+    x = x.cuda()
+    if layout == 'channels_last':
+        x = x.to(memory_format=torch.channels_last)
+    compare(random_layer(SwitchNorm2d, chw[0], dtype=dtype).cuda(), x, dtype, monkeypatch)
+    compare(random_layer(SwitchNorm2d, chw[0], dtype=dtype).cuda(), x, dtype, monkeypatch,
+            train=False)
+    if chw[0] <= 512:
+        for sw_type in (2, 5):
+            layer = random_whitening(chw[0], dtype, sw_type=sw_type).cuda()
+            compare(layer, x, dtype, monkeypatch)
