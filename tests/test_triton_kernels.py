@@ -200,6 +200,15 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
     compare(layer, x, torch.float32, monkeypatch, train=case != '1x1-N1')
 
 
+@pytest.mark.parametrize('c', [16, 32, 64])
+def test_newton_kernel_matches_reference(c):
+    from mmsn.ops.reference import inverse_sqrt_newton
+    cov = _spd(torch.randn(3, c, 2 * c, generator=torch.Generator().manual_seed(10)))
+    got = torch.ops.mmsn.sw_newton(cov, 5)
+    want = inverse_sqrt_newton(cov.double(), 5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_backend_dispatch(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv('MMSN_BACKEND', raising=False)
@@ -244,7 +253,12 @@ def _op_cases():
         ('sw_grad_sums', (cl, torch.randn_like(cl), coef(2, 2, 16), 16)),
         ('sw_grad_input', (cl, torch.randn_like(cl), coef(2, 2, 16, 16), coef(2, 2, 16, 16),
                            coef(2, 2, 16), coef(2, 2, 16), 16)),
+        ('sw_newton', (_spd(coef(2, 2, 16, 40)), 5)),
     ]
+
+
+def _spd(a):
+    return a @ a.transpose(-1, -2) / a.shape[-1] + 0.1 * torch.eye(a.shape[-2])
 
 
 @pytest.mark.parametrize('name,args', _op_cases(),
@@ -252,7 +266,7 @@ def _op_cases():
 def test_registered_ops_pass_opcheck(name, args):
     """torch.library's own checks: schema, fake implementation (shapes, dtypes, strides),
     autograd registration, AOT dispatch with static and dynamic shapes."""
-    differentiable = name in ('sn_moments', 'sn_affine', 'sw_moments', 'sw_whiten')
+    differentiable = name in ('sn_moments', 'sn_affine', 'sw_moments', 'sw_whiten', 'sw_newton')
     if differentiable:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a
                      for a in args)

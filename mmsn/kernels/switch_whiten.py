@@ -12,6 +12,9 @@ Per (n, group) instance of ``x`` viewed as ``(N, G, c, L)``:
   ``dx = M^T dy + A (x - mean_iw) + v`` (one read of each, one write), where ``A`` and ``v``
   carry the gradient of the IW moments.
 
+Between the two, the inverse square root of each mixed covariance by Newton's iteration
+(SW Eqn. 7) runs in one program per matrix, the iterates kept in registers.
+
 ``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
 """
 import triton
@@ -137,3 +140,21 @@ def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_t_ptr, moment_ptr, m
     dx_at, _ = _group_tile(dx_ptr, n, g, offsets, L, C_PER, dx_stride_n, dx_stride_g,
                            dx_stride_c, dx_stride_l)
     tl.store(dx_at, out.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _newton_inverse_sqrt_kernel(cov_ptr, out_ptr, C_PER: tl.constexpr, ITERATIONS: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    """``P_T / sqrt(tr)`` with ``P_0 = I``, ``P_k = (3 P - P^3 Sigma / tr) / 2`` (float32)."""
+    rows = tl.arange(0, C_PER)
+    at = tl.program_id(0).to(tl.int64) * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :]
+    cov = tl.load(cov_ptr + at)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    trace = tl.sum(tl.sum(cov * eye, axis=1), axis=0)
+    normalised = cov / trace
+    p = eye
+    for _ in tl.static_range(ITERATIONS):
+        p2 = tl.dot(p, p, input_precision=PRECISION)
+        p3 = tl.dot(p2, p, input_precision=PRECISION)
+        p = 1.5 * p - 0.5 * tl.dot(p3, normalised, input_precision=PRECISION)
+    tl.store(out_ptr + at, p / tl.sqrt(trace))

@@ -7,7 +7,9 @@ Each launch is one kernel on a copy-free view of its input:
   moments, float32 (float64 for float64 inputs);
 * ``sn_affine`` / ``sw_whiten``: ``y = x * scale + shift`` and ``y = M (x - centre) + shift``;
 * ``sn_grad_sums`` / ``sw_grad_sums`` and ``sn_grad_input`` / ``sw_grad_input``: the two
-  passes of the fused backward.
+  passes of the fused backward;
+* ``sw_newton``: Newton's inverse square root of the mixed covariances, one program per
+  matrix (its backward is written out in PyTorch: :func:`newton_backward`).
 
 The eager layers call the plain functions inside their autograd Functions (no dispatcher
 overhead, one ``dx`` pass through the saved mixing graph; ``triton_switch_norm.py``). The
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .moments import merge_moments
-from .reference import stats_dtype
+from .reference import inverse_sqrt_newton, stats_dtype
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
@@ -414,17 +416,83 @@ def _sw_whiten_backward(ctx, dy):
     return dx, d_matrix, d_centre, d_shift, None
 
 
+def sw_newton(cov: Tensor, iterations: int) -> Tensor:
+    """``cov^{-1/2}`` of each float32 ``(..., c, c)`` matrix by Newton's iteration (SW Eqn. 7),
+    one program per matrix; equal to :func:`~mmsn.ops.reference.inverse_sqrt_newton`."""
+    from ..kernels.switch_whiten import _newton_inverse_sqrt_kernel
+    c = cov.shape[-1]
+    cov = cov.contiguous()
+    out = torch.empty_like(cov)
+    count = cov.numel() // (c * c) if c else 0
+    if count:
+        _newton_inverse_sqrt_kernel[(count,)](cov, out, C_PER=c, ITERATIONS=iterations,
+                                              PRECISION='ieee')
+    return out
+
+
+def _sw_newton_fake(cov, iterations):
+    return torch.empty_like(cov, memory_format=torch.contiguous_format)
+
+
+def newton_backward(cov: Tensor, iterations: int, grad: Tensor) -> Tensor:
+    """The gradient through :func:`~mmsn.ops.reference.inverse_sqrt_newton` with respect to
+    ``cov``, written out (traceable, so the registered op has it under torch.compile too).
+
+    Forward: ``S = cov / tr``, ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 S``, ``out = P_T / sqrt(tr)``.
+    The iterates are recomputed (c x c matrices: cheap), then walked back.
+    """
+    t = lambda m: m.transpose(-1, -2)  # noqa: E731
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    normalised = cov / trace
+    iterates = [eye]
+    for _ in range(iterations):
+        p = iterates[-1]
+        iterates.append(1.5 * p - 0.5 * (p @ p @ p) @ normalised)
+    grad_p = grad / trace.sqrt()
+    grad_trace = -0.5 * (grad * iterates[-1]).sum((-1, -2), keepdim=True) / trace ** 1.5
+    grad_normalised = torch.zeros_like(cov)
+    for p in reversed(iterates[:-1]):
+        p2 = p @ p
+        grad_cube = -0.5 * grad_p                          # d loss / d (P^3 S)
+        grad_normalised = grad_normalised + t(p2 @ p) @ grad_cube
+        m = grad_cube @ t(normalised)                      # d loss / d P^3
+        grad_p = 1.5 * grad_p + m @ t(p2) + t(p) @ m @ t(p) + t(p2) @ m
+    grad_trace = grad_trace - (grad_normalised * cov).sum((-1, -2), keepdim=True) / trace ** 2
+    return grad_normalised / trace + grad_trace * eye
+
+
+def _sw_newton_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.iterations = inputs[1]
+
+
+def _sw_newton_backward(ctx, grad):
+    cov, = ctx.saved_tensors
+    return newton_backward(cov, ctx.iterations, grad), None
+
+
+def newton_inverse_sqrt(cov: Tensor, iterations: int) -> Tensor:
+    """The kernels' Newton step: the ``sw_newton`` op for float32 matrices of a kernel group
+    size, the reference otherwise (float64 runs, other sizes)."""
+    if cov.dtype == torch.float32 and cov.shape[-1] in KERNEL_GROUP_SIZES:
+        return torch.ops.mmsn.sw_newton(cov, iterations)
+    return inverse_sqrt_newton(cov, iterations)
+
+
 def _register() -> None:
     """Registers the launches above as ``torch.ops.mmsn.*`` with fake implementations, and
     the autograd formulas of the differentiable ones."""
     fakes = {sn_moments: _sn_moments_fake, sn_affine: _sn_affine_fake,
              sn_grad_sums: _sn_grad_sums_fake, sn_grad_input: _sn_grad_input_fake,
              sw_moments: _sw_moments_fake, sw_whiten: _sw_whiten_fake,
-             sw_grad_sums: _sw_grad_sums_fake, sw_grad_input: _sw_grad_input_fake}
+             sw_grad_sums: _sw_grad_sums_fake, sw_grad_input: _sw_grad_input_fake,
+             sw_newton: _sw_newton_fake}
     autograd = {sn_moments: (_sn_moments_backward, _sn_moments_setup),
                 sn_affine: (_sn_affine_backward, _sn_affine_setup),
                 sw_moments: (_sw_moments_backward, _sw_moments_setup),
-                sw_whiten: (_sw_whiten_backward, _sw_whiten_setup)}
+                sw_whiten: (_sw_whiten_backward, _sw_whiten_setup),
+                sw_newton: (_sw_newton_backward, _sw_newton_setup)}
     for launch, fake in fakes.items():
         op = torch.library.custom_op(f'mmsn::{launch.__name__}', launch, mutates_args=())
         op.register_fake(fake)

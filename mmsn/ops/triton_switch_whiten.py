@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .library import (KERNEL_GROUP_SIZES, as_groups, sw_grad_input, sw_grad_sums,
-                      sw_moments, sw_moments_input_coefficients, sw_whiten, viewable)
+from .library import (KERNEL_GROUP_SIZES, as_groups, newton_inverse_sqrt, sw_grad_input,
+                      sw_grad_sums, sw_moments, sw_moments_input_coefficients, sw_whiten,
+                      viewable)
 from .reference import switch_whiten_coefficients
 from .triton_switch_norm import _needs, grad_of, replay_mixing_backward
 
@@ -29,7 +30,7 @@ class _SwitchWhitenFunction(torch.autograd.Function):
             matrix, centre, shift = switch_whiten_coefficients(
                 leaves[0], leaves[1], as_groups(x, num_pergroup).shape[3], *leaves[2:],
                 running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type,
-                iterations, momentum, eps, method, process_group, sync)
+                iterations, momentum, eps, method, process_group, sync, newton_inverse_sqrt)
         y = sw_whiten(x, matrix.detach(), centre.detach(), shift.detach(), num_pergroup)
         ctx.save_for_backward(x)
         ctx.graph = (leaves, matrix, centre, shift)
@@ -68,7 +69,7 @@ def _switch_whiten_composed(x, mean_ratio, var_ratio, weight, bias, running_mean
     matrix, centre, shift = switch_whiten_coefficients(
         mean_iw, cov_iw, as_groups(x, num_pergroup).shape[3], mean_ratio, var_ratio, weight,
         bias, running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type,
-        iterations, momentum, eps, method, process_group, sync)
+        iterations, momentum, eps, method, process_group, sync, newton_inverse_sqrt)
     return torch.ops.mmsn.sw_whiten(x, matrix, centre, shift, num_pergroup)
 
 
