@@ -14,8 +14,9 @@ Each launch is one kernel on a copy-free view of its input:
 The eager layers call the plain functions inside their autograd Functions (no dispatcher
 overhead, one ``dx`` pass through the saved mixing graph; ``triton_switch_norm.py``). The
 registered ops have fake implementations (torch.compile and export trace shapes without
-running a kernel), and the moments and affine/whiten ops carry autograd formulas built from
-the ops, so moments -> the mixing step in PyTorch -> affine is differentiable and traceable:
+running a kernel), and the moments, affine/whiten and Newton ops carry autograd formulas
+built from ops, so moments -> the mixing step in PyTorch -> affine is differentiable and
+traceable:
 that is how the kernels run under torch.compile. That composed backward writes ``dx`` in two
 passes plus their sum, where the fused eager backward writes it once.
 
@@ -126,6 +127,11 @@ def split_reduction(programs: int, length: int, block: int,
     return cdiv(blocks, per_split), per_split * block
 
 
+def merge_split_sums(parts: Tensor) -> Tensor:
+    """Adds the per-split partial sums (dim 0) in a fixed order; no launch for one split."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
 @functools.lru_cache(maxsize=None)
 def _programs_to_fill(device: torch.device) -> int:
     """Programs that keep every streaming multiprocessor busy (a few per SM); on the CPU
@@ -210,9 +216,7 @@ def sn_grad_sums(x: Tensor, dy: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Ten
     _grad_sums_kernel[plan.reduce_grid](x3, dy3, sums_dy, sums_dyx, c, length, n * c,
                                         plan.chunk, *x3.stride(), *dy3.stride(),
                                         **plan.meta(dtype))
-    if plan.splits == 1:
-        return sums_dy[0], sums_dyx[0]
-    return sums_dy.sum(0), sums_dyx.sum(0)
+    return merge_split_sums(sums_dy), merge_split_sums(sums_dyx)
 
 
 def _sn_grad_sums_fake(x, dy, dtype):
@@ -274,8 +278,6 @@ def _sn_affine_backward(ctx, dy):
     return dx, d_scale, d_shift
 
 
-
-
 # ---------------------------------------------------------------------------------------- SW
 
 def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
@@ -296,8 +298,8 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     _group_moments_kernel[(n * groups, splits)](x4, pivot, totals, grams, groups, length,
                                                 n * groups, chunk, *x4.stride(), **args)
     # sums of x - pivot (the first column): no cancellation for large means
-    mean = totals.sum(0) / length
-    cov = grams.sum(0) / length - mean[..., :, None] * mean[..., None, :]
+    mean = merge_split_sums(totals) / length
+    cov = merge_split_sums(grams) / length - mean[..., :, None] * mean[..., None, :]
     return pivot + mean, cov
 
 
@@ -346,7 +348,7 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     _whiten_grad_sums_kernel[(n * groups, splits)](
         x4, dy4, centre.contiguous(), outers, sums_dy, groups, length, n * groups, chunk,
         *x4.stride(), *dy4.stride(), **args)
-    return outers.sum(0), sums_dy.sum(0)
+    return merge_split_sums(outers), merge_split_sums(sums_dy)
 
 
 def _sw_grad_sums_fake(x, dy, centre, group_size):

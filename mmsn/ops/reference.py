@@ -234,7 +234,7 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
                                eps: float, method: str = 'newton',
                                process_group: Optional[object] = None,
                                sync: bool = False,
-                               newton: Callable[[Tensor, int], Tensor] = None
+                               newton: Optional[Callable[[Tensor, int], Tensor]] = None
                                ) -> Tuple[Tensor, Tensor, Tensor]:
     """SW's per-(n, group) affine map from the IW moments:
     ``y = matrix @ (x - centre) + shift`` on each group of channels.

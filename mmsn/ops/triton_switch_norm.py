@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .library import (as_ncl, sn_affine, sn_grad_input, sn_grad_sums, sn_moments,
-                      sn_moments_input_coefficients, viewable)
+from .library import (as_ncl, in_layout_of, sn_affine, sn_grad_input, sn_grad_sums,
+                      sn_moments, sn_moments_input_coefficients, viewable)
 from .reference import switch_norm_coefficients
 
 
@@ -66,6 +66,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         x, = ctx.saved_tensors
         leaves, scale, shift = ctx.graph
         ctx.graph = None
+        dy = in_layout_of(dy, as_ncl(x))  # (once for both passes)
         sum_dy, sum_dyx = sn_grad_sums(x, dy, scale.dtype)
         # d loss / d scale[n,c] = sum(dy * x), d loss / d shift[n,c] = sum(dy)
         replay_mixing_backward(((scale, sum_dyx), (shift, sum_dy)))
@@ -107,9 +108,10 @@ def switch_norm_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
     if squeeze:
         x = x.unsqueeze(-1)
     apply = _switch_norm_composed if composed else _SwitchNormFunction.apply
-    y = apply(x if composed else viewable(x), mean_ratio, var_ratio, weight, bias,
-              running_mean, running_var, num_batches_tracked, use_batch_stats, momentum,
-              eps, process_group, sync)
+    if not composed:  # (the ops make their own views; dynamo needs no try/except here)
+        x = viewable(x)
+    y = apply(x, mean_ratio, var_ratio, weight, bias, running_mean, running_var,
+              num_batches_tracked, use_batch_stats, momentum, eps, process_group, sync)
     return y.squeeze(-1) if squeeze else y
 
 

@@ -43,6 +43,7 @@ class _SwitchWhitenFunction(torch.autograd.Function):
         leaves, matrix, centre, shift = ctx.graph
         ctx.graph = None
         group_size = ctx.num_pergroup
+        dy = viewable(dy, lambda t: as_groups(t, group_size))  # (once for both passes)
         outer, sum_dy = sw_grad_sums(x, dy, centre.detach(), group_size)
         # y = M (x - centre) + shift: dM = sum dy (x - centre)^T, dcentre = -M^T sum dy
         matrix_t = matrix.detach().transpose(-1, -2)
@@ -89,7 +90,7 @@ def switch_whiten_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
         raise ValueError(f'num_pergroup: expected one of {KERNEL_GROUP_SIZES} for the Triton '
                          f'kernels, got {num_pergroup}')
     apply = _switch_whiten_composed if composed else _SwitchWhitenFunction.apply
-    if not composed:
+    if not composed:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x, lambda t: as_groups(t, num_pergroup))
     return apply(x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
                  num_batches_tracked, use_batch_stats, num_pergroup, sw_type, iterations,
