@@ -242,12 +242,21 @@ def _op_cases():
     x = torch.randn(2, 3, 4, 5, generator=g)
     cl = torch.randn(2, 32, 3, 2, generator=g).to(memory_format=torch.channels_last)
     coef = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    def sn_forward_args(t, train, affine=True):
+        c = t.shape[1]
+        params = (coef(c), coef(c)) if affine else (None, None)
+        return (t, coef(3), coef(3)) + params + (coef(c), coef(c).abs() + 0.5,
+                                                 torch.tensor(3), train, 0.1, 1e-5, True)
+
+    def sn_backward_args(t):
+        forward = sn_forward_args(t, True)
+        saved = torch.ops.mmsn.sn_forward(*forward)[1:5]
+        return (torch.randn_like(t), t) + saved + forward[1:4] + (True, 1e-5, True)
+
     return [
-        ('sn_moments', (x,)), ('sn_moments', (cl,)),
-        ('sn_affine', (x, coef(2, 3), coef(2, 3))),
-        ('sn_affine', (cl, coef(2, 32), coef(2, 32))),
-        ('sn_grad_sums', (x, torch.randn_like(x), torch.float32)),
-        ('sn_grad_input', (x, torch.randn_like(x), coef(2, 3), coef(2, 3), coef(2, 3))),
+        ('sn_forward', sn_forward_args(x, True)), ('sn_forward', sn_forward_args(cl, False)),
+        ('sn_forward', sn_forward_args(x, True, affine=False)),
+        ('sn_backward', sn_backward_args(x)), ('sn_backward', sn_backward_args(cl)),
         ('sw_moments', (cl, 16)),
         ('sw_whiten', (cl, coef(2, 2, 16, 16) / 4, coef(2, 2, 16), coef(2, 2, 16), 16)),
         ('sw_grad_sums', (cl, torch.randn_like(cl), coef(2, 2, 16), 16)),
@@ -266,10 +275,10 @@ def _spd(a):
 def test_registered_ops_pass_opcheck(name, args):
     """torch.library's own checks: schema, fake implementation (shapes, dtypes, strides),
     autograd registration, AOT dispatch with static and dynamic shapes."""
-    differentiable = name in ('sn_moments', 'sn_affine', 'sw_moments', 'sw_whiten', 'sw_newton')
-    if differentiable:
-        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a
-                     for a in args)
+    differentiable = name in ('sn_forward', 'sw_moments', 'sw_whiten', 'sw_newton')
+    if differentiable:  # (the buffers and the counter take no gradient)
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and i < 5
+                     and a.is_floating_point() else a for i, a in enumerate(args))
     torch.library.opcheck(getattr(torch.ops.mmsn, name), args)
 
 

@@ -2,10 +2,13 @@
 
 SN needs, per (n, c) instance of ``x`` viewed as ``(N, C, L)`` (L = the spatial size):
 
-* forward: the instance mean and variance (one read of x), then ``y = x * scale + shift``
-  with per-instance coefficients from the small mixing step (one read, one write);
-* backward: the sums of ``dy`` and ``dy * x`` (one read of each), then
-  ``dx = dy * scale + x * a + b`` (one read of each, one write).
+* forward: the instance mean and variance (one read of x), the mixing step (one small
+  program: LN over C, BN over N or the running statistics, the softmax ratios, the running
+  update, writing per-instance ``scale`` and ``shift``), then ``y = x * scale + shift`` (one
+  read, one write);
+* backward: the sums of ``dy`` and ``dy * (x - mean_in)`` (one read of each), the closed-form
+  vector-Jacobian product of the mixing step (one small program), then
+  ``dx = dy * scale + (x - mean_in) * a + b`` (one read of each, one write).
 
 Every kernel works on ``(BLOCK_C, BLOCK_L)`` tiles: BLOCK_C channels of one sample by BLOCK_L
 positions. Strides are arguments, so NCHW (positions contiguous: a wide tile) and
@@ -90,11 +93,13 @@ def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, stride_n, stride_c,
 
 
 @triton.jit
-def _grad_sums_kernel(x_ptr, dy_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, chunk, stride_n,
-                      stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
+def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, chunk,
+                      stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    """Sums of ``dy`` and of ``dy * (x - centre)``: centred, so large means cancel nothing."""
     n, rows, row_mask = _tile_rows(C, BLOCK_C)
     split = tl.program_id(1)
+    centre = tl.load(centre_ptr + n * C + rows, mask=row_mask, other=0.0).to(ACC)
     sum_dy = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)
     sum_dyx = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)
     first = split * chunk
@@ -107,7 +112,7 @@ def _grad_sums_kernel(x_ptr, dy_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, chunk, s
         values = tl.load(at, mask=mask, other=0.0).to(ACC)
         grads = tl.load(dy_at, mask=mask, other=0.0).to(ACC)
         sum_dy += grads
-        sum_dyx += grads * values
+        sum_dyx += grads * (values - centre[:, None])
     # fixed-order tree reductions: deterministic, no atomics
     out = split * NC + n * C + rows
     tl.store(sum_dy_ptr + out, tl.sum(sum_dy, axis=1), mask=row_mask)
@@ -115,15 +120,17 @@ def _grad_sums_kernel(x_ptr, dy_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, chunk, s
 
 
 @triton.jit
-def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, C, L, stride_n,
-                       stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
+def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, centre_ptr, C, L,
+                       stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c, dy_stride_l,
                        dx_stride_n, dx_stride_c, dx_stride_l, BLOCK_C: tl.constexpr,
                        BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    """``dx = dy * scale + (x - centre) * a + b``."""
     n, rows, row_mask = _tile_rows(C, BLOCK_C)
     offsets = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     scale = tl.load(scale_ptr + n * C + rows, mask=row_mask, other=0.0)
     a = tl.load(a_ptr + n * C + rows, mask=row_mask, other=0.0)
     b = tl.load(b_ptr + n * C + rows, mask=row_mask, other=0.0)
+    centre = tl.load(centre_ptr + n * C + rows, mask=row_mask, other=0.0)
     at, mask = _tile(x_ptr, n, rows, row_mask, offsets, L, stride_n, stride_c, stride_l)
     dy_at, _ = _tile(dy_ptr, n, rows, row_mask, offsets, L, dy_stride_n, dy_stride_c,
                      dy_stride_l)
@@ -131,5 +138,5 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, C, L, str
     grads = tl.load(dy_at, mask=mask, other=0.0).to(ACC)
     dx_at, _ = _tile(dx_ptr, n, rows, row_mask, offsets, L, dx_stride_n, dx_stride_c,
                      dx_stride_l)
-    out = grads * scale[:, None] + values * a[:, None] + b[:, None]
+    out = grads * scale[:, None] + (values - centre[:, None]) * a[:, None] + b[:, None]
     tl.store(dx_at, out.to(dx_ptr.dtype.element_ty), mask=mask)

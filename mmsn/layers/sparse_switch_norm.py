@@ -42,6 +42,10 @@ class SparseSwitchNorm2d(SwitchNorm2d):
         return (self._ratio(self.mean_weight, self.mean_fixed),
                 self._ratio(self.var_weight, self.var_fixed))
 
+    def ratio_inputs(self) -> Tuple[Tensor, Tensor, bool]:
+        """The ratios themselves (sparsestmax has no kernel)."""
+        return self.ratios() + (False,)
+
     @torch.no_grad()
     def fix_one_hot(self, tolerance: float = 1e-6) -> Tuple[bool, bool]:
         """Freezes every ratio vector that is one-hot, storing its probabilities (as the

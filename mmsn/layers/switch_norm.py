@@ -3,11 +3,10 @@ Switchable Normalization") and their synchronized variant."""
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import switch_norm
-from .base import SwitchableLayer, _at_least_float32
+from ..ops import ratios_of, switch_norm
+from .base import SwitchableLayer
 
 #: Names of the statistics mixed by SN, in the order of ``mean_weight`` and ``var_weight``.
 SN_STATISTICS = ('in', 'ln', 'bn')
@@ -71,20 +70,24 @@ class _SwitchNorm(SwitchableLayer):
 
     def ratios(self) -> Tuple[Tensor, Tensor]:
         """Mean and variance ratios (softmax of the logits), at least float32."""
-        return (F.softmax(_at_least_float32(self.mean_weight), 0),
-                F.softmax(_at_least_float32(self.var_weight), 0))
+        return ratios_of(self.mean_weight, True), ratios_of(self.var_weight, True)
+
+    def ratio_inputs(self) -> Tuple[Tensor, Tensor, bool]:
+        """What the op mixes with: the logits (its kernels apply the softmax themselves)."""
+        return self.mean_weight, self.var_weight, True
 
     def _sync(self) -> Tuple[Optional[object], bool]:
         return None, False
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        mean_ratio, var_ratio = self.ratios()
+        mean_weight, var_weight, logits = self.ratio_inputs()
         group, sync = self._sync()
         return switch_norm(
-            x, mean_ratio, var_ratio, self.weight, self.bias, self.running_mean,
+            x, mean_weight, var_weight, self.weight, self.bias, self.running_mean,
             self.running_var, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
-            momentum=self.momentum, eps=self.eps, process_group=group, sync=sync)
+            momentum=self.momentum, eps=self.eps, process_group=group, sync=sync,
+            logits=logits)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '

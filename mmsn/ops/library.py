@@ -22,18 +22,53 @@ passes plus their sum, where the fused eager backward writes it once.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
+import contextlib
 import functools
 import math
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .moments import merge_moments
+from .distributed import sync_world_size
 from .reference import inverse_sqrt_newton, stats_dtype
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
+
+
+#: ``observer(kernel, grid, args, options) -> run`` while :func:`observe_launches` is active
+_observer: Optional[Callable[..., bool]] = None
+#: streaming multiprocessors to plan for instead of the device's (ahead-of-time checks)
+_planned_multiprocessors: Optional[int] = None
+
+
+def launch(kernel, grid: Tuple[int, ...], *args, num_warps: int = 4, **constexprs) -> None:
+    """Launches ``kernel[grid](*args, num_warps=..., **constexprs)``: every kernel of mmsn
+    goes through here, so that :func:`observe_launches` sees exactly what the ops launch."""
+    if _observer is not None and not _observer(kernel, grid, args,
+                                               dict(constexprs, num_warps=num_warps)):
+        return
+    kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+
+@contextlib.contextmanager
+def observe_launches(observer: Callable[..., bool], multiprocessors: Optional[int] = None):
+    """Calls ``observer(kernel, grid, args, options)`` before every launch inside; a launch
+    runs only if it returns True (False: plan and count without running anything).
+
+    Args:
+        observer (callable): see above.
+        multiprocessors (int, optional): plan the split reductions for a GPU with this many
+            SMs (e.g. 132 for an H100) instead of the tensors' device.
+    """
+    global _observer, _planned_multiprocessors
+    saved = _observer, _planned_multiprocessors
+    _observer, _planned_multiprocessors = observer, multiprocessors
+    try:
+        yield
+    finally:
+        _observer, _planned_multiprocessors = saved
 
 
 def _pow2(size: int) -> int:
@@ -132,10 +167,16 @@ def merge_split_sums(parts: Tensor) -> Tensor:
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
-@functools.lru_cache(maxsize=None)
 def _programs_to_fill(device: torch.device) -> int:
     """Programs that keep every streaming multiprocessor busy (a few per SM); on the CPU
     (the interpreter, in tests) a small number, so that the split path is exercised."""
+    if _planned_multiprocessors is not None:
+        return 4 * _planned_multiprocessors
+    return _device_programs_to_fill(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs_to_fill(device: torch.device) -> int:
     if device.type == 'cuda':
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -156,126 +197,140 @@ def _groups_view(t: Tensor, group_size: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------- SN
 
-def sn_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Population mean and variance of each (n, c) of ``(N, C, *)`` ``x``, ``(N, C)``."""
-    from ..kernels.switch_norm import _moments_kernel
-    x3 = as_ncl(viewable(x))
-    n, c, length = x3.shape
+def _mixing_plan(n: int, c: int) -> dict:
+    """Tile and warps of the one-program mixing kernels: about 1024 numbers a tile, few
+    enough that the backward's dozen live tiles stay in registers (checked ahead of time
+    by tests/test_kernel_resources.py)."""
+    block_n = min(_pow2(max(n, 1)), 16)
+    block_c = min(_pow2(c), max(16, 1024 // block_n))
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c,
+                num_warps=max(1, min(8, block_n * block_c // 128)))
+
+
+def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], running: Optional[Tuple[Tensor, Tensor, Tensor]],
+               use_batch_stats: bool, momentum: Optional[float], eps: float,
+               logits: bool = True, process_group: Optional[object] = None,
+               sync: bool = False,
+               updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
+    """SN forward on the kernels: moments pass, mixing kernel, normalize pass (synchronized:
+    a second mixing stage around one all-gather of the packed batch moments).
+
+    Args:
+        x (Tensor): ``(N, C, *)`` input that :func:`as_ncl` views without a copy.
+        mean_weight, var_weight (Tensor): ``(K,)`` ratio logits (``logits``) or ratios.
+        weight, bias (Tensor, optional): ``(C,)`` affine parameters.
+        running (tuple, optional): ``(running_mean, running_var, num_batches_tracked)``.
+        use_batch_stats (bool): BN from the batch (and update ``running``) or from it.
+        updated (tuple, optional): where the updated running statistics go; defaults to
+            ``running`` itself (in place).
+
+    Returns:
+        tuple: ``y`` and what the backward needs: ``mean_in``, ``var_in`` ``(N, C)``, the
+        pooled ``stats`` (see ``mmsn/kernels/switch_norm_mixing.py``) and ``scale``.
+    """
+    from ..kernels.switch_norm import _affine_kernel, _moments_kernel
+    from ..kernels.switch_norm_mixing import _mix_forward_kernel
+    x_in, x = x, as_ncl(x)
+    n, c, length = x.shape
+    k = mean_weight.shape[0]
     dtype = stats_dtype(x)
-    if not _has_work(n, c, length):
-        return x.new_zeros((n, c), dtype=dtype), x.new_zeros((n, c), dtype=dtype)
-    plan = _SNPlan(x3)
-    pivot = x.new_empty((n, c), dtype=dtype)
-    means = x.new_empty((plan.splits, n, c), dtype=dtype)
-    m2s = torch.empty_like(means)
-    _moments_kernel[plan.reduce_grid](x3, pivot, means, m2s, c, length, n * c, plan.chunk,
-                                      *x3.stride(), **plan.meta(dtype))
-    if plan.splits == 1:
-        mean, m2 = means[0], m2s[0]
-    else:  # the splits' moments about the same pivot, merged in a fixed order
-        counts = (length - plan.chunk * torch.arange(plan.splits, device=x.device)).clamp(
-            max=plan.chunk).to(dtype).reshape(-1, 1, 1)
-        _, mean, m2 = merge_moments(counts, means, m2s, dim=0)
-    return pivot + mean, m2 / length
+    meta = dict(ACC=accumulator(dtype))
+    stats = x.new_empty(2 * n + 2 * c + 1, dtype=dtype)
+    mean_in, var_in, scale = (x.new_empty((n, c), dtype=dtype) for _ in range(3))
+    pivot, shift = x.new_empty((2, n, c), dtype=dtype)
+    splits, chunk = 0, 1
+    partial_means = partial_m2s = stats  # (no moments pass: nothing is read)
+    if _has_work(n, c, length):
+        plan = _SNPlan(x)
+        splits, chunk = plan.splits, plan.chunk
+        partial_means, partial_m2s = x.new_empty((2, splits, n, c), dtype=dtype)
+        launch(_moments_kernel, plan.reduce_grid, x, pivot, partial_means, partial_m2s, c,
+               length, n * c, plan.chunk, *x.stride(), **plan.meta(dtype))
+    update = use_batch_stats and running is not None and k == 3
+    running = running if running is not None else (stats, stats, stats)
+    updated = updated if updated is not None else running
+    world = sync_world_size(process_group) if sync else 1
+    args = [pivot, partial_means, partial_m2s, mean_weight, var_weight,
+            stats if weight is None else weight, stats if bias is None else bias,
+            running[0], running[1], updated[0], updated[1], running[2], updated[2], stats,
+            mean_in, var_in, stats, scale, shift, n, c, length, splits, chunk, world,
+            0.0 if momentum is None else momentum, eps]
+    options = dict(K=k, LOGITS=logits, AFFINE=weight is not None, BATCH=use_batch_stats,
+                   UPDATE=update, CUMULATIVE=momentum is None, **_mixing_plan(n, c), **meta)
+    if world > 1 and use_batch_stats and k == 3:
+        local = x.new_empty(1 + 2 * c, dtype=dtype)
+        args[13] = local
+        launch(_mix_forward_kernel, (1,), *args, STAGE=1, **options)
+        gathered = x.new_empty(world * (1 + 2 * c), dtype=dtype)  # (gloo wants it flat)
+        torch.distributed.all_gather_into_tensor(gathered, local, group=process_group)
+        args[13] = gathered
+        launch(_mix_forward_kernel, (1,), *args, STAGE=2, **options)
+    else:
+        launch(_mix_forward_kernel, (1,), *args, STAGE=0, **options)
+    y_out = torch.empty_like(x_in)
+    y = as_ncl(y_out)
+    if _has_work(n, c, length):
+        launch(_affine_kernel, plan.pointwise_grid, x, y, scale, shift, c, length, *x.stride(),
+               *y.stride(), **plan.meta(dtype))
+    return y_out, mean_in, var_in, stats, scale
 
 
-def _sn_moments_fake(x):
-    shape = tuple(x.shape[:2])
-    return x.new_empty(shape, dtype=stats_dtype(x)), x.new_empty(shape, dtype=stats_dtype(x))
+def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: Tensor,
+                scale: Tensor, mean_weight: Tensor, var_weight: Tensor,
+                weight: Optional[Tensor], use_batch_stats: bool, eps: float,
+                logits: bool = True, process_group: Optional[object] = None,
+                sync: bool = False, input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
+    """SN backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
+    product (synchronized: two stages around one all-reduce of the BN moments' gradients),
+    the ``dx`` pass. ``dy`` and ``x`` are ``(N, C, L)`` views in the same layout.
 
-
-def sn_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``y = x * scale + shift`` with ``(N, C)`` coefficients, computed in their dtype."""
-    from ..kernels.switch_norm import _affine_kernel
-    x3 = as_ncl(viewable(x))
-    y = torch.empty_like(x)
-    if _has_work(*x3.shape):
-        y3 = as_ncl(y)
-        plan = _SNPlan(x3)
-        _affine_kernel[plan.pointwise_grid](
-            x3, y3, scale.contiguous(), shift.contiguous(), x3.shape[1], x3.shape[2],
-            *x3.stride(), *y3.stride(), **plan.meta(scale.dtype))
-    return y
-
-
-def _sn_affine_fake(x, scale, shift):
-    return torch.empty_like(x)
-
-
-def sn_grad_sums(x: Tensor, dy: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``sum(dy)`` and ``sum(dy * x)`` of each (n, c), ``(N, C)`` in ``dtype``."""
-    from ..kernels.switch_norm import _grad_sums_kernel
-    x3 = as_ncl(viewable(x))
-    dy3 = as_ncl(in_layout_of(dy, x3))
-    n, c, length = x3.shape
-    if not _has_work(n, c, length):
-        return x.new_zeros((n, c), dtype=dtype), x.new_zeros((n, c), dtype=dtype)
-    plan = _SNPlan(x3)
-    sums_dy = x.new_empty((plan.splits, n, c), dtype=dtype)
-    sums_dyx = torch.empty_like(sums_dy)
-    _grad_sums_kernel[plan.reduce_grid](x3, dy3, sums_dy, sums_dyx, c, length, n * c,
-                                        plan.chunk, *x3.stride(), *dy3.stride(),
-                                        **plan.meta(dtype))
-    return merge_split_sums(sums_dy), merge_split_sums(sums_dyx)
-
-
-def _sn_grad_sums_fake(x, dy, dtype):
-    shape = tuple(x.shape[:2])
-    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
-
-
-def sn_grad_input(x: Tensor, dy: Tensor, scale: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``dx = dy * scale + x * a + b`` with ``(N, C)`` coefficients, in one pass."""
-    from ..kernels.switch_norm import _grad_input_kernel
-    x3 = as_ncl(viewable(x))
-    dy3 = as_ncl(in_layout_of(dy, x3))
-    dx = torch.empty_like(x)
-    if _has_work(*x3.shape):
-        dx3 = as_ncl(dx)
-        plan = _SNPlan(x3)
-        _grad_input_kernel[plan.pointwise_grid](
-            x3, dy3, dx3, scale.contiguous(), a.contiguous(), b.contiguous(), x3.shape[1],
-            x3.shape[2], *x3.stride(), *dy3.stride(), *dx3.stride(), **plan.meta(scale.dtype))
-    return dx
-
-
-def _sn_grad_input_fake(x, dy, scale, a, b):
-    return torch.empty_like(x)
-
-
-def sn_moments_input_coefficients(d_mean: Tensor, d_var: Tensor, mean: Tensor,
-                                  length: int) -> Tuple[Tensor, Tensor]:
-    """``(a, b)`` with ``dx = x * a + b`` the gradient through the IN moments:
-    ``mean = sum(x) / L``, ``var = sum((x - mean)^2) / L``."""
-    a = 2 * d_var / max(length, 1)
-    return a, d_mean / max(length, 1) - a * mean
-
-
-def _sn_moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-
-
-def _sn_moments_backward(ctx, d_mean, d_var):
-    x, mean = ctx.saved_tensors
-    d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
-    d_var = torch.zeros_like(mean) if d_var is None else d_var
-    a, b = sn_moments_input_coefficients(d_mean, d_var, mean, math.prod(x.shape[2:]))
-    return torch.ops.mmsn.sn_affine(x, a, b)
-
-
-def _sn_affine_setup(ctx, inputs, output):
-    x, scale, shift = inputs
-    ctx.save_for_backward(x, scale)
-
-
-def _sn_affine_backward(ctx, dy):
-    x, scale = ctx.saved_tensors
-    dx = d_scale = d_shift = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.mmsn.sn_affine(dy, scale, torch.zeros_like(scale))
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        d_shift, d_scale = torch.ops.mmsn.sn_grad_sums(x, dy, scale.dtype)
-    return dx, d_scale, d_shift
+    Returns:
+        tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_weight``,
+        ``var_weight``, ``weight`` and ``bias`` (None without affine parameters).
+    """
+    from ..kernels.switch_norm import _grad_input_kernel, _grad_sums_kernel
+    from ..kernels.switch_norm_mixing import _mix_backward_kernel
+    x_in, x = x, as_ncl(x)
+    dy = in_layout_of(dy, x)
+    n, c, length = x.shape
+    k = mean_weight.shape[0]
+    dtype = stats.dtype
+    meta = dict(ACC=accumulator(dtype))
+    splits = 0
+    sums_dy = sums_dyc = stats  # (no sums pass: nothing is read)
+    if _has_work(n, c, length):
+        plan = _SNPlan(x)
+        splits = plan.splits
+        sums_dy, sums_dyc = x.new_empty((2, splits, n, c), dtype=dtype)
+        launch(_grad_sums_kernel, plan.reduce_grid, x, dy, mean_in, sums_dy, sums_dyc, c,
+               length, n * c, plan.chunk, *x.stride(), *dy.stride(), **plan.meta(dtype))
+    grad_stats = x.new_empty(2 * n + 2 * c, dtype=dtype)
+    d_mean_weight, d_var_weight = torch.empty_like(mean_weight), torch.empty_like(var_weight)
+    affine = weight is not None
+    d_weight, d_bias = (torch.empty_like(weight), torch.empty_like(weight)) if affine else \
+        (None, None)
+    a, b = x.new_empty((2, n, c), dtype=dtype)
+    args = (sums_dy, sums_dyc, mean_in, var_in, stats, mean_weight, var_weight,
+            stats if weight is None else weight, grad_stats, d_mean_weight, d_var_weight,
+            stats if d_weight is None else d_weight, stats if d_bias is None else d_bias,
+            a, b, n, c, length, splits, eps)
+    options = dict(K=k, LOGITS=logits, AFFINE=affine, BATCH=use_batch_stats,
+                   **_mixing_plan(n, c), **meta)
+    if sync and use_batch_stats and k == 3 and sync_world_size(process_group) > 1:
+        launch(_mix_backward_kernel, (1,), *args, STAGE=1, **options)
+        torch.distributed.all_reduce(grad_stats[2 * n:], group=process_group)
+        launch(_mix_backward_kernel, (1,), *args, STAGE=2, **options)
+    else:
+        launch(_mix_backward_kernel, (1,), *args, STAGE=0, **options)
+    dx = None
+    if input_grad:
+        dx = torch.empty_like(x_in)
+        if _has_work(n, c, length):
+            dx3 = as_ncl(dx)
+            launch(_grad_input_kernel, plan.pointwise_grid, x, dy, dx3, scale, a, b, mean_in,
+                   c, length, *x.stride(), *dy.stride(), *dx3.stride(), **plan.meta(dtype))
+    return dx, d_mean_weight, d_var_weight, d_weight, d_bias
 
 
 # ---------------------------------------------------------------------------------------- SW
@@ -295,7 +350,7 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     pivot = x.new_empty((n, groups, c), dtype=dtype)
     totals = x.new_empty((splits, n, groups, c), dtype=dtype)
     grams = x.new_empty((splits, n, groups, c, c), dtype=dtype)
-    _group_moments_kernel[(n * groups, splits)](x4, pivot, totals, grams, groups, length,
+    launch(_group_moments_kernel, (n * groups, splits), x4, pivot, totals, grams, groups, length,
                                                 n * groups, chunk, *x4.stride(), **args)
     # sums of x - pivot (the first column): no cancellation for large means
     mean = merge_split_sums(totals) / length
@@ -321,7 +376,8 @@ def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
     if _has_work(n, groups, length):
         y4 = as_groups(y, group_size)
         args = _sw_args(c, matrix.dtype, length)
-        _whiten_kernel[(n * groups, cdiv(length, args['BLOCK']))](
+        launch(
+            _whiten_kernel, (n * groups, cdiv(length, args['BLOCK'])),
             x4, y4, matrix.contiguous(), centre.contiguous(), shift.contiguous(), groups,
             length, *x4.stride(), *y4.stride(), **args)
     return y
@@ -345,7 +401,8 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
     sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
-    _whiten_grad_sums_kernel[(n * groups, splits)](
+    launch(
+        _whiten_grad_sums_kernel, (n * groups, splits),
         x4, dy4, centre.contiguous(), outers, sums_dy, groups, length, n * groups, chunk,
         *x4.stride(), *dy4.stride(), **args)
     return merge_split_sums(outers), merge_split_sums(sums_dy)
@@ -367,7 +424,8 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix_t: Tensor, moment: Tensor, mean:
     if _has_work(n, groups, length):
         dx4 = as_groups(dx, group_size)
         args = _sw_args(c, matrix_t.dtype, length)
-        _whiten_grad_input_kernel[(n * groups, cdiv(length, args['BLOCK']))](
+        launch(
+            _whiten_grad_input_kernel, (n * groups, cdiv(length, args['BLOCK'])),
             x4, dy4, dx4, matrix_t.contiguous(), moment.contiguous(), mean.contiguous(),
             vector.contiguous(), groups, length, *x4.stride(), *dy4.stride(), *dx4.stride(),
             **args)
@@ -427,7 +485,7 @@ def sw_newton(cov: Tensor, iterations: int) -> Tensor:
     out = torch.empty_like(cov)
     count = cov.numel() // (c * c) if c else 0
     if count:
-        _newton_inverse_sqrt_kernel[(count,)](cov, out, C_PER=c, ITERATIONS=iterations,
+        launch(_newton_inverse_sqrt_kernel, (count,), cov, out, C_PER=c, ITERATIONS=iterations,
                                               PRECISION='ieee')
     return out
 
@@ -485,14 +543,10 @@ def newton_inverse_sqrt(cov: Tensor, iterations: int) -> Tensor:
 def _register() -> None:
     """Registers the launches above as ``torch.ops.mmsn.*`` with fake implementations, and
     the autograd formulas of the differentiable ones."""
-    fakes = {sn_moments: _sn_moments_fake, sn_affine: _sn_affine_fake,
-             sn_grad_sums: _sn_grad_sums_fake, sn_grad_input: _sn_grad_input_fake,
-             sw_moments: _sw_moments_fake, sw_whiten: _sw_whiten_fake,
+    fakes = {sw_moments: _sw_moments_fake, sw_whiten: _sw_whiten_fake,
              sw_grad_sums: _sw_grad_sums_fake, sw_grad_input: _sw_grad_input_fake,
              sw_newton: _sw_newton_fake}
-    autograd = {sn_moments: (_sn_moments_backward, _sn_moments_setup),
-                sn_affine: (_sn_affine_backward, _sn_affine_setup),
-                sw_moments: (_sw_moments_backward, _sw_moments_setup),
+    autograd = {sw_moments: (_sw_moments_backward, _sw_moments_setup),
                 sw_whiten: (_sw_whiten_backward, _sw_whiten_setup),
                 sw_newton: (_sw_newton_backward, _sw_newton_setup)}
     for launch, fake in fakes.items():

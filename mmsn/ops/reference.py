@@ -30,6 +30,14 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def ratios_of(weights: Tensor, logits: bool) -> Tensor:
+    """Ratios from a layer's ratio inputs: the softmax of logits, computed in at least
+    float32, or the ratios as given (``logits=False``)."""
+    if not logits:
+        return weights
+    return torch.softmax(weights.to(torch.promote_types(weights.dtype, torch.float32)), 0)
+
+
 def instance_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Population mean and variance of each (n, c) over the spatial dims, ``(N, C)``."""
     xs = x.to(stats_dtype(x))

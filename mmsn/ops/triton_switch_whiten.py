@@ -11,55 +11,89 @@ from torch import Tensor
 from .library import (KERNEL_GROUP_SIZES, as_groups, newton_inverse_sqrt, sw_grad_input,
                       sw_grad_sums, sw_moments, sw_moments_input_coefficients, sw_whiten,
                       viewable)
-from .reference import switch_whiten_coefficients
-from .triton_switch_norm import _needs, grad_of, replay_mixing_backward
+from .distributed import gathered_parts
+from .reference import switch_whiten_coefficients, switch_whiten_reference
+
+
+def _leaf(t: Optional[Tensor], needed: bool) -> Optional[Tensor]:
+    return None if t is None else t.detach().requires_grad_(needed)
+
+
+def _grad_of(leaf: Optional[Tensor]) -> Optional[Tensor]:
+    return None if leaf is None else leaf.grad
 
 
 class _SwitchWhitenFunction(torch.autograd.Function):
+    """Forward: moments pass, mixing step (no graph kept), whitening pass. Backward: the sums
+    pass, the mixing step recomputed from the saved moments (without touching the running
+    statistics) and differentiated, the ``dx`` pass. Saving moments rather than a graph
+    keeps ``retain_graph`` and activation checkpointing working like any other op."""
 
     @staticmethod
     def forward(ctx, x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
                 num_batches_tracked, use_batch_stats, num_pergroup, sw_type, iterations,
                 momentum, eps, method, process_group, sync):
         mean_iw, cov_iw = sw_moments(x, num_pergroup)
-        needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [_needs(mean_iw, needs[0]), _needs(cov_iw, needs[0]),
-                      _needs(mean_ratio, needs[1]), _needs(var_ratio, needs[2]),
-                      _needs(weight, needs[3]), _needs(bias, needs[4])]
+        length = as_groups(x, num_pergroup).shape[3]
+        with gathered_parts([]) as gathered:  # (replayed by the backward's recomputation)
             matrix, centre, shift = switch_whiten_coefficients(
-                leaves[0], leaves[1], as_groups(x, num_pergroup).shape[3], *leaves[2:],
-                running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type,
-                iterations, momentum, eps, method, process_group, sync, newton_inverse_sqrt)
-        y = sw_whiten(x, matrix.detach(), centre.detach(), shift.detach(), num_pergroup)
-        ctx.save_for_backward(x)
-        ctx.graph = (leaves, matrix, centre, shift)
-        ctx.num_pergroup = num_pergroup
+                mean_iw, cov_iw, length, mean_ratio, var_ratio, weight, bias, running_mean,
+                running_cov, num_batches_tracked, use_batch_stats, sw_type, iterations,
+                momentum, eps, method, process_group, sync, newton_inverse_sqrt)
+        ctx.gathered = gathered
+        y = sw_whiten(x, matrix, centre, shift, num_pergroup)
+        # eval reads the running statistics: keep them as they were for the backward
+        running = (None, None) if use_batch_stats else (running_mean.clone(), running_cov.clone())
+        ctx.save_for_backward(x, mean_ratio, var_ratio, weight, bias, mean_iw, cov_iw, *running)
+        ctx.options = (use_batch_stats, num_pergroup, sw_type, iterations, momentum, eps, method,
+                       process_group, sync)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, = ctx.saved_tensors
-        leaves, matrix, centre, shift = ctx.graph
-        ctx.graph = None
-        group_size = ctx.num_pergroup
+        x, mean_ratio, var_ratio, weight, bias, mean_iw, cov_iw, running_mean, running_cov = \
+            ctx.saved_tensors
+        (use_batch_stats, group_size, sw_type, iterations, momentum, eps, method,
+         process_group, sync) = ctx.options
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference
+            inputs = (x, mean_ratio, var_ratio, weight, bias)
+            with torch.enable_grad():
+                y = switch_whiten_reference(
+                    x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov, None,
+                    use_batch_stats, group_size, sw_type, iterations, momentum, eps, method,
+                    process_group, sync)
+                wanted = [t for t, need in zip(inputs, needs) if need]
+                grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+            return tuple(next(grads) if need else None for need in needs) + (None,) * 12
+        with torch.enable_grad(), gathered_parts(ctx.gathered, replay=True):
+            leaves = [_leaf(mean_iw, needs[0]), _leaf(cov_iw, needs[0]),
+                      _leaf(mean_ratio, needs[1]), _leaf(var_ratio, needs[2]),
+                      _leaf(weight, needs[3]), _leaf(bias, needs[4])]
+            matrix, centre, shift = switch_whiten_coefficients(
+                leaves[0], leaves[1], as_groups(x, group_size).shape[3], *leaves[2:],
+                running_mean, running_cov, None, use_batch_stats, sw_type, iterations,
+                momentum, eps, method, process_group, sync, newton_inverse_sqrt)
         dy = viewable(dy, lambda t: as_groups(t, group_size))  # (once for both passes)
         outer, sum_dy = sw_grad_sums(x, dy, centre.detach(), group_size)
         # y = M (x - centre) + shift: dM = sum dy (x - centre)^T, dcentre = -M^T sum dy
         matrix_t = matrix.detach().transpose(-1, -2)
         d_centre = -torch.matmul(matrix_t, sum_dy[..., None])[..., 0]
-        replay_mixing_backward(((matrix, outer), (centre, d_centre), (shift, sum_dy)))
+        # the whole recomputed graph, not autograd.grad (which prunes to the leaves): a rank
+        # with an empty batch must still join the synchronized backward's all-reduce
+        pairs = [(t, g) for t, g in ((matrix, outer), (centre, d_centre), (shift, sum_dy))
+                 if t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         dx = None
-        if ctx.needs_input_grad[0]:
-            d_mean, d_cov = grad_of(leaves[0]), grad_of(leaves[1])
+        if needs[0]:
+            d_mean, d_cov = _grad_of(leaves[0]), _grad_of(leaves[1])
             d_mean = torch.zeros_like(sum_dy) if d_mean is None else d_mean
             d_cov = torch.zeros_like(outer) if d_cov is None else d_cov
             moment, vector = sw_moments_input_coefficients(d_mean, d_cov,
                                                            as_groups(x, group_size).shape[3])
-            dx = sw_grad_input(x, dy, matrix_t, moment, leaves[0].detach(), vector,
-                               group_size)
-        return (dx, grad_of(leaves[2]), grad_of(leaves[3]), grad_of(leaves[4]),
-                grad_of(leaves[5])) + (None,) * 12
+            dx = sw_grad_input(x, dy, matrix_t, moment, mean_iw, vector, group_size)
+        return (dx,) + tuple(_grad_of(leaf) for leaf in leaves[2:]) + (None,) * 12
 
 
 def _switch_whiten_composed(x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
