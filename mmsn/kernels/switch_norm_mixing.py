@@ -224,10 +224,12 @@ def _batch_moments(mean_in_ptr, var_in_ptr, running_mean_ptr, running_var_ptr, n
         seen = total > 0
         new_tracked = tracked + seen.to(tracked.dtype)
         if CUMULATIVE:
-            factor = seen.to(ACC) / tl.maximum(new_tracked, 1).to(ACC)
+            factor = tl.fdiv(seen.to(ACC), tl.maximum(new_tracked.to(ACC), 1.0))
         else:
             factor = seen.to(ACC) * momentum
-        unbiased = tl.where(total > 1, total / tl.maximum(total - 1, 1.0), 1.0)
+        # (scalar divisions without IEEE rounding: its slow-path subroutine needs a stack
+        # frame on sm_80, which the resource check counts as a spill)
+        unbiased = tl.where(total > 1, tl.fdiv(total, tl.maximum(total - 1, 1.0)), 1.0)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             if STAGE == 2:  # every rank's packed moments, merged in rank order

@@ -148,7 +148,11 @@ class _SNPlan:
         self.pointwise_grid = (programs, blocks)
 
     def meta(self, dtype: torch.dtype) -> dict:
-        return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype))
+        # 8 elements of a tile per thread: at 16 (a 2048 tile on 4 warps) the reductions
+        # needed 148-168 registers (tests/test_kernel_resources.py)
+        warps = max(1, min(8, self.block_c * self.block_l // 256))
+        return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype),
+                    num_warps=warps)
 
 
 def split_reduction(programs: int, length: int, block: int,
