@@ -1,24 +1,17 @@
-"""The Triton kernel launches, each also registered as a ``torch.library`` custom op
-(``torch.ops.mmsn.<name>``).
+"""The Triton kernel launches. Every launch goes through :func:`launch`, so
+:func:`observe_launches` (the ahead-of-time check, launch counts) sees exactly what runs.
 
-Each launch is one kernel on a copy-free view of its input:
-
-* ``sn_moments`` / ``sw_moments``: the per-instance (IN) and per-(sample, group) (IW)
-  moments, float32 (float64 for float64 inputs);
-* ``sn_affine`` / ``sw_whiten``: ``y = x * scale + shift`` and ``y = M (x - centre) + shift``;
-* ``sn_grad_sums`` / ``sw_grad_sums`` and ``sn_grad_input`` / ``sw_grad_input``: the two
-  passes of the fused backward;
-* ``sw_newton``: Newton's inverse square root of the mixed covariances, one program per
-  matrix (its backward is written out in PyTorch: :func:`newton_backward`).
-
-The eager layers call the plain functions inside their autograd Functions (no dispatcher
-overhead, one ``dx`` pass through the saved mixing graph; ``triton_switch_norm.py``). The
-registered ops have fake implementations (torch.compile and export trace shapes without
-running a kernel), and the moments, affine/whiten and Newton ops carry autograd formulas
-built from ops, so moments -> the mixing step in PyTorch -> affine is differentiable and
-traceable:
-that is how the kernels run under torch.compile. That composed backward writes ``dx`` in two
-passes plus their sum, where the fused eager backward writes it once.
+* SN: :func:`sn_forward` (moments pass, mixing kernel, normalize pass) and
+  :func:`sn_backward` (sums pass, the mixing step's vector-Jacobian product, ``dx`` pass),
+  called by the eager autograd Function and, as the ``mmsn::sn_forward`` /
+  ``mmsn::sn_backward`` custom ops, under torch.compile (``triton_switch_norm.py``).
+* SW, each also a custom op (``torch.ops.mmsn.<name>``): ``sw_moments`` (IW moments),
+  ``sw_whiten`` (``y = M (x - centre) + shift``), ``sw_grad_sums`` and ``sw_grad_input``
+  (the two passes of the backward), ``sw_newton`` (Newton's inverse square root, one program
+  per matrix; its backward written out in PyTorch: :func:`newton_backward`). The moments,
+  whiten and Newton ops carry autograd formulas built from ops, so under torch.compile
+  moments -> the mixing step in PyTorch -> whiten is traceable; that composed backward writes
+  ``dx`` in two passes plus their sum, where the eager backward writes it once.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
