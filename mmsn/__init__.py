@@ -6,8 +6,8 @@ OpenMMLab configs (``norm_cfg=dict(type='SN')``) and applies the fixes of ``mmsn
 import importlib.util
 
 from .layers import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d,
-                     SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d, convert_sync_sn,
-                     revert_sync_sn)
+                     SwitchWhiten2d, SyncSparseSwitchNorm2d, SyncSwitchNorm, SyncSwitchWhiten2d,
+                     convert_sync_sn, revert_sync_sn)
 
 __version__ = '0.1.0'
 
@@ -16,7 +16,7 @@ if importlib.util.find_spec('mmengine') is not None:
     setup_openmmlab()
 
 __all__ = [
-    'SparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm',
+    'SparseSwitchNorm2d', 'SyncSparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm',
     'SwitchWhiten2d',
     'SyncSwitchWhiten2d', 'convert_sync_sn', 'revert_sync_sn', '__version__'
 ]

@@ -31,18 +31,19 @@ def ratios_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, 
     layers = OrderedDict()
     for key, value in state_dict.items():
         for mean_key, var_key in _LOGIT_KEYS:
-            if not key.endswith('.' + mean_key):
+            if not (key == mean_key or key.endswith('.' + mean_key)):
                 continue
-            prefix = key[:-len(mean_key) - 1]
-            var_logits = state_dict.get(f'{prefix}.{var_key}', value)
+            prefix = key[:-len(mean_key) - 1]  # '' for a single layer's state dict
+            at = (lambda name: f'{prefix}.{name}') if prefix else (lambda name: name)  # noqa: E731
+            var_logits = state_dict.get(at(var_key), value)
             if mean_key == 'mean_weight':
                 names = SN_STATISTICS[:value.numel()]
             else:
                 names = SW_STATISTICS[value.numel()]
-            if f'{prefix}.radius' in state_dict:  # SSN: sparsestmax, or fixed probabilities
-                radius = state_dict[f'{prefix}.radius']
-                mean = ssn_ratios(value, state_dict[f'{prefix}.mean_fixed'], radius)
-                var = ssn_ratios(var_logits, state_dict[f'{prefix}.var_fixed'], radius)
+            if at('radius') in state_dict:  # SSN: sparsestmax, or fixed probabilities
+                radius = state_dict[at('radius')]
+                mean = ssn_ratios(value, state_dict[at('mean_fixed')], radius)
+                var = ssn_ratios(var_logits, state_dict[at('var_fixed')], radius)
             else:
                 mean, var = F.softmax(value.double(), 0), F.softmax(var_logits.double(), 0)
             layers[prefix] = dict(statistics=list(names), mean=mean.tolist(), var=var.tolist())

@@ -6,11 +6,13 @@ mean and the variance is a per-channel affine map and folds into the preceding c
 one that picks IN or LN keeps only the statistics it uses.
 """
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .analysis import ratios_from_state_dict, ssn_ratios
 from .converters.resnet import ZERO_RATIO_LOGIT
 from .layers import SwitchableLayer
 from .layers.switch_norm import _SwitchNorm
@@ -26,28 +28,79 @@ def hard_logits(logits: Tensor) -> Tensor:
     return hard
 
 
+def _hardened(layer: str, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The hard versions of one layer's ratio tensors (local names: ``mean_weight``, ...).
+
+    SN and SW: one-hot softmax logits. SSN (it has ``radius``): as the SSN release freezes a
+    one-hot ratio, the one-hot PROBABILITIES of the current ratios' argmax with ``*_fixed`` set
+    (an already fixed ratio keeps its choice).
+    """
+    for key in RATIO_LOGITS:
+        if key in tensors and not torch.isfinite(tensors[key]).all():
+            raise ValueError(f'{layer}: expected finite ratio parameters, got {key} = '
+                             f'{tensors[key].tolist()}')
+    if 'radius' in tensors:
+        hard = {}
+        for kind in ('mean', 'var'):
+            logits, fixed = tensors[f'{kind}_weight'], tensors[f'{kind}_fixed']
+            ratio = ssn_ratios(logits, fixed, tensors['radius'])
+            hard[f'{kind}_weight'] = F.one_hot(ratio.argmax(), logits.numel()).to(logits)
+            hard[f'{kind}_fixed'] = torch.ones_like(fixed)
+        return hard
+    return {key: hard_logits(tensors[key]) for key in RATIO_LOGITS
+            if key in tensors and tensors[key].dim() == 1}
+
+
+def _check_one_hot(layer: str, ratios: Dict[str, Sequence[float]], tolerance: float = 1e-6):
+    for kind in ('mean', 'var'):
+        values = torch.as_tensor(ratios[kind], dtype=torch.float64)
+        if not (torch.isfinite(values).all() and values.max() >= 1 - tolerance
+                and abs(float(values.sum()) - 1) <= tolerance):
+            raise ValueError(f'{layer}: expected one-hot {kind} ratios after hardening, got '
+                             f'{values.tolist()}')
+
+
 def harden_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """A copy of a state dict with every SN/SW ratio made one-hot (argmax per layer, for the
-    mean and the variance separately). One-hot softmax logits get exactly zero gradient,
-    so finetuning keeps them hard."""
-    return OrderedDict((k, hard_logits(v) if k.endswith(RATIO_LOGITS) and v.dim() == 1 else v)
-                       for k, v in state_dict.items())
+    """A copy of a state dict with every SN/SSN/SW layer's ratios made one-hot (argmax per
+    layer, for the mean and the variance separately; see :func:`_hardened`). One-hot softmax
+    logits get exactly zero gradient, so finetuning keeps them hard.
+
+    Raises:
+        ValueError: a layer's ratios are not finite, or not one-hot afterwards.
+    """
+    hard = OrderedDict(state_dict)
+    for layer in ratios_from_state_dict(state_dict):
+        start = len(layer) + 1 if layer else 0  # '' for a single layer's state dict
+        local = {k[start:]: v for k, v in state_dict.items()
+                 if k.startswith(layer[:start]) and '.' not in k[start:]}
+        hard.update((k if not layer else f'{layer}.{k}', v)
+                    for k, v in _hardened(layer, local).items())
+    for layer, ratios in ratios_from_state_dict(hard).items():
+        _check_one_hot(layer, ratios)
+    return hard
 
 
 @torch.no_grad()
 def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
-    """Makes the ratios of every SN/SW layer of ``model`` one-hot, in place.
+    """Makes the ratios of every SN/SSN/SW layer of ``model`` one-hot, in place (as
+    :func:`harden_state_dict`).
 
     Returns:
         dict: ``{layer: (mean statistic, variance statistic)}``.
+
+    Raises:
+        ValueError: a layer's ratios are not finite, or not one-hot afterwards.
     """
     choices = OrderedDict()
     for name, module in model.named_modules():
         if not isinstance(module, SwitchableLayer):
             continue
-        for param_name, param in module.named_parameters(recurse=False):
-            if param_name in RATIO_LOGITS:
-                param.copy_(hard_logits(param))
+        local = dict(module.named_parameters(recurse=False))
+        local.update(module.named_buffers(recurse=False))
+        for key, value in _hardened(name, local).items():
+            local[key].copy_(value)
+        mean, var = module.ratios()
+        _check_one_hot(name, dict(mean=mean.tolist(), var=var.tolist()))
         choices[name] = hard_choice(module)
     return choices
 
@@ -55,6 +108,9 @@ def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
 def hard_choice(layer: SwitchableLayer, tolerance: float = 1e-6) -> Optional[Tuple[str, str]]:
     """(mean statistic, variance statistic) of a layer whose ratios are one-hot, else None."""
     mean, var = layer.ratios()
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise ValueError(f'{type(layer).__name__}: expected finite ratios, got mean '
+                         f'{mean.tolist()} and variance {var.tolist()}')
     if mean.max() < 1 - tolerance or var.max() < 1 - tolerance:
         return None
     return layer.statistics[int(mean.argmax())], layer.statistics[int(var.argmax())]

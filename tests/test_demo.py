@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from mmsn.checkpoint import load_checkpoint_file
+
 pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 
@@ -107,7 +109,7 @@ def test_dist_train_two_cpu_processes_with_sync_sn_then_test(shapes_root, tmp_pa
     assert 'Iter(train) [4/4]' in log and "type='SyncSN'" in log
     checkpoint = osp.join(work_dir, 'iter_4.pth')
     assert osp.exists(checkpoint)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict']
+    state = load_checkpoint_file(checkpoint, map_location='cpu')['state_dict']
     assert 'backbone.stem.1.mean_weight' in state and 'decode_head.convs.0.sn.var_weight' in state
     test_dir = str(tmp_path / 'test')
     log = run([sys.executable, 'tools/test.py', 'configs/demo/fcn_r18-sn_shapes.py', checkpoint,

@@ -67,18 +67,74 @@ def test_resnets_build_and_train_with_switchable_norms(norm_cfg, layer_name):
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
 
 
-def test_norm_eval_freezes_switchable_layers():
-    for name, build in tiny_backbones():
-        model = build(dict(type='SN'), norm_eval=True)
-        model.train()
-        layers = [m for m in model.modules() if isinstance(m, SwitchableLayer)]
-        assert layers and not any(m.training for m in layers), name
-        running = layers[0].running_mean.clone()
-        model(torch.randn(2, 3, 32, 32))
-        assert torch.equal(layers[0].running_mean, running), name  # frozen statistics
-        model = build(dict(type='SN'), norm_eval=False)
-        model.train()
-        assert all(m.training for m in model.modules() if isinstance(m, SwitchableLayer))
+def assert_norm_eval_freezes(model, name):
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, SwitchableLayer)]
+    assert layers and not any(m.training for m in layers), name
+    running = layers[0].running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(layers[0].running_mean, running), name  # frozen statistics
+
+
+@pytest.mark.parametrize('scope,cfg', [
+    ('mmdet', dict(type='ResNet', depth=18)),
+    ('mmseg', dict(type='ResNetV1c', depth=18, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)))])
+def test_norm_eval_freezes_switchable_layers_of_registry_built_backbones(scope, cfg):
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(dict(cfg, norm_cfg=dict(type='SN'), norm_eval=True))
+        assert_norm_eval_freezes(model, scope)
+        model = MODELS.build(dict(cfg, norm_cfg=dict(type='SN'), norm_eval=False))
+    model.train()
+    assert all(m.training for m in model.modules() if isinstance(m, SwitchableLayer))
+
+
+def test_norm_eval_of_a_users_backbone_registered_after_import():
+    """A class registered after ``import mmsn`` (none of mmdet's) is handled at build time,
+    like mmdet's: its own ``train`` reads ``norm_eval`` and looks for ``_BatchNorm``."""
+
+    class TinyUserBackbone(nn.Module):
+        def __init__(self, norm_cfg, norm_eval=False):
+            super().__init__()
+            self.norm_eval = norm_eval
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.norm = mmcv_cnn.build_norm_layer(norm_cfg, 8)[1]
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode and self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            return self
+
+    MODELS.register_module(module=TinyUserBackbone, force=True)
+    try:
+        frozen = MODELS.build(dict(type='TinyUserBackbone', norm_cfg=dict(type='SN'),
+                                   norm_eval=True))
+        assert_norm_eval_freezes(frozen, 'user backbone')
+        bn = MODELS.build(dict(type='TinyUserBackbone', norm_cfg=dict(type='BN'),
+                               norm_eval=True)).train()
+        assert not bn.norm.training  # BN as before
+        trained = MODELS.build(dict(type='TinyUserBackbone', norm_cfg=dict(type='SN')))
+        assert trained.train().norm.training
+    finally:
+        MODELS.module_dict.pop('TinyUserBackbone')
+
+
+def test_norm_eval_of_a_model_built_by_hand_needs_patch_norm_eval():
+    from mmdet.models.backbones import ResNet
+
+    class HandBuilt(ResNet):  # a class no registry build has seen
+        pass
+
+    from mmsn.mm import patch_norm_eval
+    model = HandBuilt(18, norm_cfg=dict(type='SN'), norm_eval=True)
+    assert patch_norm_eval(model) in ([ResNet], [])  # ResNet may be patched already
+    assert_norm_eval_freezes(model, 'hand built')
 
 
 def test_norm_decay_mult_applies_to_switchable_parameters():
@@ -124,25 +180,88 @@ def test_sync_bn_conversion_and_fuse_conv_bn_leave_switchable_layers_intact():
     torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mmengine_checkpoints_load_under_weights_only_torch(tmp_path):
+def test_mmengine_checkpoints_load_with_weights_only_and_no_fallback(tmp_path):
     import warnings
 
     import numpy as np
     from mmengine.logging import HistoryBuffer
     from mmengine.runner import load_checkpoint, save_checkpoint
     model = nn.Sequential(nn.Conv2d(3, 8, 1), SwitchNorm2d(8))
-    meta = dict(epoch=np.int64(3), loss=np.float32(0.5), arr=np.arange(3))
-    save_checkpoint(dict(state_dict=model.state_dict(), meta=meta), str(tmp_path / 'a.pth'))
+    meta = dict(epoch=np.int64(3), loss=np.float32(0.5), arr=np.arange(3),
+                dtype=np.dtype('float16'))
+    hub = dict(log_scalars=dict(loss=HistoryBuffer([1.0, 2.0], [1, 1])),
+               runtime_info=dict(eta=np.float64(1.5)))
+    save_checkpoint(dict(state_dict=model.state_dict(), meta=meta, message_hub=hub),
+                    str(tmp_path / 'a.pth'))
     clone = nn.Sequential(nn.Conv2d(3, 8, 1), SwitchNorm2d(8))
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # numpy meta is allowed as safe: no fallback
+        warnings.simplefilter('error')  # no fallback, no warning
         ckpt = load_checkpoint(clone, str(tmp_path / 'a.pth'), strict=True)
-    assert int(ckpt['meta']['epoch']) == 3
+    assert int(ckpt['meta']['epoch']) == 3 and ckpt['meta']['dtype'] == np.float16
+    assert ckpt['message_hub']['log_scalars']['loss'].mean() == 1.5
     for key, value in model.state_dict().items():
         assert torch.equal(clone.state_dict()[key], value)
-    # A resumable checkpoint holds mmengine objects: loaded, with a warning naming the file.
-    hub = dict(log_scalars=dict(loss=HistoryBuffer([1.0, 2.0], [1, 1])))
-    save_checkpoint(dict(state_dict=model.state_dict(), message_hub=hub), str(tmp_path / 'b.pth'))
-    with pytest.warns(UserWarning, match=r'b\.pth with weights_only=False'):
-        ckpt = load_checkpoint(clone, str(tmp_path / 'b.pth'))
-    assert ckpt['message_hub']['log_scalars']['loss'].current() == 2.0
+
+
+class _RunsCodeOnLoad:
+    """A pickle whose loading calls a function of the file's choosing."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))  # creates the marker file when unpickled
+
+
+@pytest.mark.parametrize('via', ['mmengine', 'mmsn'])
+def test_a_checkpoint_that_runs_code_is_refused_unless_trusted(tmp_path, monkeypatch, via):
+    from mmengine.runner import load_checkpoint
+
+    from mmsn.checkpoint import (TRUSTED_CHECKPOINTS_ENV, UntrustedCheckpointError,
+                                 load_checkpoint_file)
+    marker = tmp_path / 'ran'
+    path = tmp_path / 'evil.pth'
+    torch.save(dict(state_dict=nn.Conv2d(3, 8, 1).state_dict(), meta=_RunsCodeOnLoad(marker)),
+               path)
+    load = ((lambda: load_checkpoint(nn.Conv2d(3, 8, 1), str(path))) if via == 'mmengine'
+            else (lambda: load_checkpoint_file(str(path))))
+    monkeypatch.delenv(TRUSTED_CHECKPOINTS_ENV, raising=False)
+    with pytest.raises(UntrustedCheckpointError,
+                       match=rf'global io.open.*{TRUSTED_CHECKPOINTS_ENV}=.*evil\.pth'):
+        load()
+    assert not marker.exists()  # its function never ran
+    # Another file listed as trusted does not trust this one.
+    monkeypatch.setenv(TRUSTED_CHECKPOINTS_ENV, str(tmp_path / 'other.pth'))
+    with pytest.raises(UntrustedCheckpointError):
+        load()
+    assert not marker.exists()
+    # Trusted by path: the user's explicit choice, loaded as torch < 2.6 would.
+    monkeypatch.setenv(TRUSTED_CHECKPOINTS_ENV, f'{tmp_path / "other.pth"}:{path}')
+    load()
+    assert marker.exists()
+
+
+def test_history_buffer_getattr_resolves_only_its_statistics(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    from mmsn.checkpoint import UntrustedCheckpointError, load_checkpoint_file
+
+    class AsksForInit:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, '__init__'))
+
+    torch.save(dict(meta=AsksForInit()), tmp_path / 'x.pth')
+    with pytest.raises(UntrustedCheckpointError, match='only the HistoryBuffer statistics'):
+        load_checkpoint_file(str(tmp_path / 'x.pth'))
+
+
+def test_import_mmsn_imports_neither_mmdet_nor_mmseg():
+    import subprocess
+    import sys
+    code = ('import sys, mmsn\n'
+            'from mmengine.registry import MODELS\n'
+            'assert MODELS.get("SN") is mmsn.SwitchNorm2d\n'
+            'print(sorted(m for m in ("mmdet", "mmseg", "mmcv") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == '[]'

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsn import SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm
+from mmsn import SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm
+from mmsn.checkpoint import load_checkpoint_file
 from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
 from mmsn.batch_average import batch_average_statistics
 from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, harden_ratios,
@@ -112,6 +113,60 @@ def test_hard_ratios_are_one_hot_and_get_no_gradient():
     assert torch.equal(layer.var_weight.grad, torch.zeros(3))
 
 
+def every_kind_of_layer():
+    """SN, SSN with unfixed sparse ratios, SSN with fixed (one-hot probability) ratios, SW,
+    SW with tied ratios, SN without BN: each with a known argmax."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SwitchNorm2d(8), SparseSwitchNorm2d(8), SparseSwitchNorm2d(8),
+                                SwitchWhiten2d(8, num_pergroup=4, sw_type=5),
+                                SwitchWhiten2d(8, num_pergroup=4, tie_weight=True),
+                                SwitchNorm2d(8, using_bn=False))
+    with torch.no_grad():
+        model[0].mean_weight.copy_(torch.tensor([0.1, 0.9, 0.3]))
+        model[1].radius.fill_(0.3)
+        model[1].mean_weight.copy_(torch.tensor([0.1, 2.0, 0.3]))
+        model[1].var_weight.copy_(torch.tensor([3.0, 2.0, 0.3]))
+        model[2].radius.fill_(1.0)
+        model[2].mean_weight.copy_(torch.tensor([0.1, 0.2, 2.0]))
+        model[3].sw_var_weight.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0, 0.0]))
+        model[4].sw_mean_weight.copy_(torch.tensor([-1.0, 1.0]))
+        model[5].var_weight.copy_(torch.tensor([0.0, 1.0]))
+    assert model[2].fix_one_hot() == (True, True)  # stores one-hot PROBABILITIES
+    expected = {'0': ('ln', 'in'), '1': ('ln', 'in'), '2': ('bn', 'in'), '3': ('bw', 'in'),
+                '4': ('iw', 'iw'), '5': ('in', 'ln')}
+    return model, expected
+
+
+def test_harden_every_layer_kind_model_and_state_dict_alike():
+    model, expected = every_kind_of_layer()
+    hard_state = harden_state_dict(model.state_dict())
+    assert harden_ratios(model) == expected
+    for key, value in model.state_dict().items():
+        assert torch.equal(hard_state[key], value), key
+    assert model[1].mean_fixed.item() == 1 and model[1].var_fixed.item() == 1
+    model.train()
+    x = torch.randn(2, 8, 3, 3)
+    assert torch.isfinite(model(x)).all()
+    for layer in model:
+        mean, var = layer.ratios()
+        assert sorted(mean.tolist())[-1] == 1.0 and sorted(var.tolist())[-1] == 1.0
+    # Hardening again changes nothing (fixed SSN ratios keep their probabilities).
+    again = copy.deepcopy(model)
+    assert harden_ratios(again) == expected
+    for key, value in again.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_harden_refuses_ratios_that_are_not_finite():
+    model, _ = every_kind_of_layer()
+    with torch.no_grad():
+        model[1].mean_weight[0] = float('nan')
+    with pytest.raises(ValueError, match=r'^1: expected finite ratio parameters'):
+        harden_ratios(copy.deepcopy(model))
+    with pytest.raises(ValueError, match=r'^1: expected finite ratio parameters'):
+        harden_state_dict(model.state_dict())
+
+
 def resnet18_sn(norm='SN'):
     pytest.importorskip('mmdet')
     from mmengine.registry import MODELS, init_default_scope
@@ -192,7 +247,7 @@ def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
     records = [json.loads(line) for line in scalar_files[0].read_text().splitlines()]
     logged = [r for r in records if 'ratios/backbone.stem.1/mean_in' in r]
     assert [r['step'] for r in logged] == [2, 4]
-    checkpoint = torch.load(tmp_path / 'work' / 'iter_4.pth', weights_only=False)
+    checkpoint = load_checkpoint_file(str(tmp_path / 'work' / 'iter_4.pth'))
     assert len(checkpoint['meta']['switchable_ratios']) == 25
     out = tmp_path / 'plots'
     run = subprocess.run([sys.executable, osp.join(ROOT, 'tools/analysis_tools/plot_ratios.py'),
@@ -210,7 +265,7 @@ def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
                           str(tmp_path / 'work' / 'iter_4.pth'), str(hard)],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    state = torch.load(hard, weights_only=False)['state_dict']
+    state = load_checkpoint_file(str(hard))['state_dict']
     logits = state['backbone.stem.1.mean_weight']
     assert sorted(F.softmax(logits, 0).tolist()) == [0.0, 0.0, 1.0]
 
@@ -235,7 +290,7 @@ def test_batch_average_tool_on_a_checkpoint(tmp_path):
                           '--cfg-options'] + options, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'over 2 batches' in run.stdout
-    out = torch.load(tmp_path / 'out.pth', weights_only=False)
+    out = load_checkpoint_file(str(tmp_path / 'out.pth'))
     before = model.state_dict()
     changed = [k for k, v in out['state_dict'].items() if not torch.equal(v, before[k])]
     assert changed and all(k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mmsn import (SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d,
-                  convert_sync_sn, revert_sync_sn)
+from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSparseSwitchNorm2d,
+                  SyncSwitchNorm, SyncSwitchWhiten2d, convert_sync_sn, revert_sync_sn)
 
 CHANNELS = 16
 
@@ -24,6 +24,7 @@ def make_layers(backend='torch'):
     layers = []
     for name, local, sync in [
         ('sn', SwitchNorm2d(CHANNELS), SyncSwitchNorm(CHANNELS)),
+        ('ssn', SparseSwitchNorm2d(CHANNELS), SyncSparseSwitchNorm2d(CHANNELS)),
         ('sw2', SwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=2),
          SyncSwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=2)),
         ('sw5', SwitchWhiten2d(CHANNELS, num_pergroup=4, sw_type=5),
@@ -37,11 +38,13 @@ def make_layers(backend='torch'):
             for param in local.parameters():
                 param.uniform_(-1, 1) if param.dim() == 1 and param.numel() <= 5 else \
                     param.uniform_(0.5, 1.5)
+        if name == 'ssn':
+            local.radius.fill_(0.3)  # sparse, not one-hot ratios
         sync = sync.double()
         sync.load_state_dict(local.state_dict())
         layers.append((name, local, sync))
     if backend != 'torch':
-        layers = [layer for layer in layers if layer[0] in ('sn', 'sw5-16')]
+        layers = [layer for layer in layers if layer[0] in ('sn', 'ssn', 'sw5-16')]
     return layers
 
 
@@ -113,7 +116,7 @@ def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tm
     world_size = len(sizes)
     mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend),
              nprocs=world_size, join=True)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world_size)]
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(world_size)]
     x_all, grad_all = make_data(sum(sizes))
     for name, local, _ in make_layers(backend):
         for step in range(2):
@@ -164,3 +167,31 @@ def test_convert_and_revert_keep_state_and_mode():
     for key, value in reverted.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert type(convert_sync_sn(SwitchNorm2d(4))) is SyncSwitchNorm
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_convert_keeps_parameter_objects_dtype_and_the_optimizer(dtype):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), SwitchNorm2d(8), SparseSwitchNorm2d(8),
+                          SwitchWhiten2d(8, num_pergroup=4)).to(dtype)
+    model[2].radius.fill_(0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built BEFORE the conversion
+    before = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    converted = convert_sync_sn(model)
+    assert [type(m) for m in converted[1:]] == [SyncSwitchNorm, SyncSparseSwitchNorm2d,
+                                                SyncSwitchWhiten2d]
+    for name, param in converted.named_parameters():
+        assert param is before[name] and param.dtype == dtype, name
+    for name, buf in converted.named_buffers():
+        assert buf is buffers[name], name
+    values = {name: p.detach().clone() for name, p in converted.named_parameters()}
+    converted(torch.randn(4, 3, 5, 5, dtype=dtype)).square().mean().backward()
+    optimizer.step()
+    for layer in ('1', '2', '3'):  # the optimizer updated the converted layers
+        changed = [name for name, p in converted.named_parameters()
+                   if name.startswith(layer + '.') and not torch.equal(p, values[name])]
+        assert changed, layer
+    reverted = revert_sync_sn(converted)
+    assert [type(m) for m in reverted[1:]] == [SwitchNorm2d, SparseSwitchNorm2d, SwitchWhiten2d]
+    for name, param in reverted.named_parameters():
+        assert param is before[name], name

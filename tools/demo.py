@@ -53,8 +53,8 @@ def main():
     args = parser.parse_args()
     os.chdir(ROOT)
 
-    import torch
     from mmsn.analysis import format_ratio_table, ratios_from_state_dict
+    from mmsn.checkpoint import load_checkpoint_file
     from mmsn.demo.shapes import make_shapes_dataset
     counts = make_shapes_dataset(args.data_root)
     print(f'[demo] shapes dataset in {args.data_root}: {counts}', flush=True)
@@ -78,8 +78,7 @@ def main():
         missing = [k for k in wanted if k not in metrics]
         if missing:
             raise RuntimeError(f'{task}: the run logged no {missing} in {work_dir}')
-        checkpoint = torch.load(last_checkpoint(work_dir), map_location='cpu',
-                                weights_only=False)
+        checkpoint = load_checkpoint_file(last_checkpoint(work_dir), map_location='cpu')
         ratios = ratios_from_state_dict(checkpoint['state_dict'])
         ratio_file = osp.join(work_dir, 'sn_ratios.json')
         with open(ratio_file, 'w') as f:

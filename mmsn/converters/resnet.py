@@ -8,7 +8,6 @@ filled. Anything else is an error, and nothing is written.
 """
 import os
 import os.path as osp
-import pickle
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -36,24 +35,20 @@ class ConversionError(ValueError):
         super().__init__('cannot convert:\n  ' + '\n  '.join(self.problems))
 
 
-def load_source(path: str) -> Tuple[Dict[str, Tensor], List[str]]:
-    """Reads a checkpoint file and returns its state dict (prefixes stripped) and warnings."""
-    warnings = []
+def load_source(path: str, trusted: bool = False) -> Dict[str, Tensor]:
+    """Reads a checkpoint file (``weights_only``: see :mod:`mmsn.checkpoint`; ``trusted``
+    allows a file that needs more) and returns its state dict, prefixes stripped."""
+    from ..checkpoint import UntrustedCheckpointError, load_checkpoint_file
     if not osp.isfile(path):
         raise ConversionError([f'SRC: {path!r} is not a file'])
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        if 'Weights only load failed' not in str(error):
-            raise ConversionError([f'SRC: {path!r} is not a PyTorch checkpoint ({error})'])
-        # The releases pickle optimizer state and scalars that weights_only refuses.
-        warnings.append(f'{path} holds more than tensors; loaded with weights_only=False '
-                        f'(only do this for files you trust)')
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+        checkpoint = load_checkpoint_file(path, map_location='cpu', trusted=trusted)
+    except UntrustedCheckpointError as error:
+        raise ConversionError([f'SRC: {error}'])
     except Exception as error:  # zip/EOF/unicode errors of arbitrary files
         raise ConversionError([f'SRC: {path!r} is not a PyTorch checkpoint '
                                f'({type(error).__name__}: {error})'])
-    return extract_state_dict(checkpoint), warnings
+    return extract_state_dict(checkpoint)
 
 
 def extract_state_dict(checkpoint) -> Dict[str, Tensor]:
@@ -351,16 +346,16 @@ def convert_resnet(state: Dict[str, Tensor], sw_layers: Optional[Union[str, Sequ
 
 
 def convert_checkpoint(src: str, dst: str, sw_layers=None, sw_type: int = 2,
-                       num_pergroup: int = 16, ssn_as_sn: bool = False, log=print) -> dict:
+                       num_pergroup: int = 16, ssn_as_sn: bool = False, log=print,
+                       trusted: bool = False) -> dict:
     """Converts the file ``src`` and writes an mmengine checkpoint to ``dst`` (only when the
-    conversion is complete). Prints one line per source tensor through ``log``.
+    conversion is complete). Prints one line per source tensor through ``log``. ``src`` is
+    read without running code from it unless ``trusted`` (see :func:`load_source`).
 
     Returns:
         dict: the ``meta`` written with the state dict.
     """
-    state, warnings = load_source(src)
-    for warning in warnings:
-        log(f'warning: {warning}')
+    state = load_source(src, trusted)
     converted, config, report = convert_resnet(state, sw_layers, sw_type, num_pergroup,
                                                ssn_as_sn)
     src_kinds = infer_architecture(state)[1]

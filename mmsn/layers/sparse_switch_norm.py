@@ -1,6 +1,6 @@
 """Sparse Switchable Normalization (Shao et al., "SSN: Learning Sparse Switchable
 Normalization via SparsestMax", CVPR 2019)."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,3 +63,22 @@ class SparseSwitchNorm2d(SwitchNorm2d):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, radius={float(self.radius):.3f}, '
                 f'fixed=({int(self.mean_fixed)}, {int(self.var_fixed)})')
+
+
+class SyncSparseSwitchNorm2d(SparseSwitchNorm2d):
+    """SSN whose BN branch uses the statistics of the whole batch across processes, as
+    :class:`SyncSwitchNorm` does for SN (one all-gather forward, one all-reduce backward;
+    without a process group or with one process it computes what SSN computes).
+
+    Args:
+        group (ProcessGroup, optional): the group to synchronize over. Defaults to the world.
+        **kwargs: as for :class:`SparseSwitchNorm2d`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 last_gamma: bool = False, group: Optional[object] = None):
+        super().__init__(num_features, eps, momentum, affine, last_gamma)
+        self.group = group
+
+    def _sync(self) -> Tuple[Optional[object], bool]:
+        return self.group, True

@@ -6,13 +6,17 @@ Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
 * registers the layers in mmengine's root ``MODELS`` registry, which mmcv's
   ``build_norm_layer`` and every mmdet/mmseg scope reach: 'SN' (= 'SN2d'), 'SN1d', 'SN3d',
   'SyncSN', 'SW', 'SyncSW';
-* makes ``norm_eval=True`` of mmdet/mmseg backbones freeze SN/SW layers as it freezes BN
-  (their ``train()`` only looks for ``_BatchNorm``);
+* wraps the build function of the ``MODELS`` registries so that a built model's
+  ``norm_eval=True`` freezes SN/SW layers as it freezes BN (mmdet/mmseg backbones and any
+  other class whose ``train()`` reads ``norm_eval`` only looks for ``_BatchNorm``), and so
+  that ``SWResNet`` (SW on chosen layers of mmdet's or mmseg's ResNet) is registered in
+  mmdet's or mmseg's registry the first time a config of that scope asks for it;
 * makes ``paramwise_cfg=dict(norm_decay_mult=...)`` of mmengine's default optimizer
   constructor apply to SN/SW parameters (affine and ratio logits), as it does to BN;
-* lets mmengine load checkpoints under torch >= 2.6 (``weights_only`` loading);
-* registers ``SWResNet`` in mmdet and mmseg (SW on chosen layers of their ResNet) and the
-  ``StrictPretrained`` initializer (converted backbones, loaded strictly);
+* makes mmengine load local checkpoints with ``weights_only=True`` and exactly the globals
+  its own checkpoints hold (:mod:`mmsn.checkpoint`), so resuming works under torch >= 2.6
+  and anything else is refused unless trusted by path;
+* registers the ``StrictPretrained`` initializer (converted backbones, loaded strictly);
 * registers the hooks ``SwitchableRatioHook`` (ratios to the visualizer and the checkpoint)
   and ``BatchAverageHook`` (batch-average inference statistics).
 
@@ -22,23 +26,24 @@ SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them 
 """
 from .backbones import SW_PLACEMENTS, register_backbones, replace_norm_layers
 from .hooks import BatchAverageHook, SwitchableRatioHook, register_hooks
-from .compat import allow_mmengine_checkpoints, patch_norm_decay, patch_norm_eval
+from .compat import (install_build_hook, install_checkpoint_loader, patch_norm_decay,
+                     patch_norm_eval)
 from .pretrained import StrictPretrainedInit, register_initializers
 from .registry import register_layers
 
 
 def setup_openmmlab() -> None:
-    """Registers the layers and applies the compatibility fixes (idempotent)."""
+    """Registers the layers and applies the compatibility fixes (idempotent). Imports
+    neither mmdet nor mmseg."""
     register_layers()
     register_initializers()
     register_hooks()
-    register_backbones()
+    install_build_hook()
     patch_norm_decay()
-    patch_norm_eval()
-    allow_mmengine_checkpoints()
+    install_checkpoint_loader()
 
 
 __all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
-           'allow_mmengine_checkpoints', 'register_backbones', 'register_initializers',
+           'install_checkpoint_loader', 'install_build_hook', 'register_backbones', 'register_initializers',
            'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook',
            'BatchAverageHook', 'register_hooks']

@@ -12,7 +12,7 @@ norms named by ``sw_layers`` with layers built from ``sw_cfg``::
 A replaced norm is renamed as the authors' release names it (``bn1`` -> ``sw1``,
 ``layer1.1.bn2`` -> ``layer1.1.sw2``), so released SW checkpoints map key for key.
 """
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -141,13 +141,31 @@ def switchable_whitening_resnet(base: type) -> type:
     return SWResNet
 
 
-def register_backbones() -> None:
-    """Registers ``SWResNet`` in the mmdet and mmseg ``MODELS`` (those installed)."""
-    for package in ('mmdet', 'mmseg'):
+#: The packages whose ResNet ``SWResNet`` extends, by registry scope.
+SW_RESNET_SCOPES = ('mmdet', 'mmseg')
+
+
+def register_backbones(scope: Optional[str] = None) -> None:
+    """Registers ``SWResNet`` in the ``MODELS`` of ``scope`` ('mmdet' or 'mmseg'), or of
+    both (those installed) when ``scope`` is None. Idempotent.
+
+    Importing mmsn does not call it (it would import mmdet and mmseg): the MODELS build
+    hook calls it with the config's scope the first time a config asks for ``SWResNet``.
+
+    Raises:
+        ValueError: ``scope`` is another package's: SWResNet extends mmdet's or mmseg's
+            ResNet and must know which.
+    """
+    if scope is not None and scope not in SW_RESNET_SCOPES:
+        raise ValueError(f"SWResNet: expected to be built in the 'mmdet' or 'mmseg' scope "
+                         f"(default_scope, or _scope_ in its config), got {scope!r}")
+    for package in (scope,) if scope else SW_RESNET_SCOPES:
         try:
             registry = __import__(f'{package}.registry', fromlist=['MODELS']).MODELS
             backbones = __import__(f'{package}.models.backbones', fromlist=['ResNet'])
         except ImportError:
+            if scope is not None:
+                raise
             continue
         registered = registry.module_dict.get('SWResNet')
         if registered is not None and registered.__mro__[1] is backbones.ResNet:

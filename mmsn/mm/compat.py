@@ -1,22 +1,21 @@
-"""Fixes for the places in OpenMMLab that special-case ``_BatchNorm``.
+"""The changes importing mmsn makes to other libraries (listed in the README, "What importing
+mmsn changes"), each where registration alone cannot do it.
 
-Each fix is narrow: it changes how one check sees SN/SW layers and nothing else, and applying
-it twice changes nothing.
+Each is narrow: it changes how one check sees SN/SW layers (or how one loader reads files)
+and nothing else, and applying it twice changes nothing. None imports mmdet or mmseg: that
+waits until a model of theirs is built.
 """
-import importlib
-import importlib.util
-import sys
-import warnings
 from functools import wraps
+from typing import Optional
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import SwitchableLayer
 
-#: Packages whose modules may define backbones or heads with a ``norm_eval`` option.
-NORM_EVAL_PACKAGES = ('mmdet.models', 'mmseg.models')
+def _reads_norm_eval(train) -> bool:
+    code = getattr(train, '__code__', None)
+    return code is not None and 'norm_eval' in code.co_names
 
 
 def _freezes_switchable_layers(train):
@@ -36,39 +35,91 @@ def _freezes_switchable_layers(train):
     return wrapped
 
 
-def patch_norm_eval(packages=NORM_EVAL_PACKAGES) -> list:
-    """Makes ``norm_eval`` freeze SN/SW layers in every class of ``packages`` whose own
-    ``train`` reads ``self.norm_eval`` (mmdet/mmseg ResNet, ResNeXt, HRNet, ResLayer, ...).
+_CHECKED_CLASSES = set()
 
-    Packages that are not installed are skipped.
+
+def patch_norm_eval(model: nn.Module) -> list:
+    """Makes ``norm_eval`` freeze SN/SW layers in the classes of ``model``'s modules whose
+    own ``train`` reads ``self.norm_eval`` (mmdet/mmseg ResNet, ResNeXt, HRNet, ResLayer, a
+    user's backbone written the same way): their ``train`` only looks for ``_BatchNorm``.
+
+    Runs on every model built through the ``MODELS`` registries (see
+    :func:`install_build_hook`); call it yourself on a model built from classes directly.
 
     Returns:
         list[type]: the classes patched by this call.
     """
     patched = []
-    for package_name in packages:
-        if importlib.util.find_spec(package_name.split('.')[0]) is None:
+    for module in model.modules():
+        cls = type(module)
+        if cls in _CHECKED_CLASSES:
             continue
-        try:
-            importlib.import_module(package_name)
-        except ImportError as err:  # installed but unusable here: nothing of it can be built
-            warnings.warn(f'mmsn: {package_name} could not be imported ({err}); its norm_eval '
-                          f'will not freeze SN/SW layers')
-            continue
-        # The modules the package itself imports: those are the ones a config can build.
-        modules = [m for name, m in list(sys.modules.items())
-                   if m is not None and (name == package_name or name.startswith(package_name + '.'))]
-        for module in modules:
-            for obj in list(vars(module).values()):
-                if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-                    continue
-                train = obj.__dict__.get('train')
-                if (train is None or getattr(train, '_mmsn_norm_eval', False)
-                        or 'norm_eval' not in train.__code__.co_names):
-                    continue
-                obj.train = _freezes_switchable_layers(train)
-                patched.append(obj)
+        _CHECKED_CLASSES.add(cls)
+        for owner in cls.__mro__:
+            train = owner.__dict__.get('train')
+            if (train is None or getattr(train, '_mmsn_norm_eval', False)
+                    or not _reads_norm_eval(train)):
+                continue
+            owner.train = _freezes_switchable_layers(train)
+            patched.append(owner)
     return patched
+
+
+def _config_type(cfg) -> str:
+    kind = cfg.get('type') if hasattr(cfg, 'get') else None
+    return kind.rpartition('.')[2] if isinstance(kind, str) else ''
+
+
+def _build_scope(cfg, registry) -> Optional[str]:
+    """The scope whose registry ``build_from_cfg`` will look ``cfg['type']`` up in: a scope
+    prefix of the type, else ``_scope_``, else the default scope where the root registry has
+    it as a child, else the registry's own (``Registry.switch_scope_and_registry``)."""
+    from mmengine.registry import DefaultScope
+    kind = cfg.get('type') if hasattr(cfg, 'get') else None
+    if isinstance(kind, str) and '.' in kind:
+        return kind.split('.')[0]
+    scope = cfg.get('_scope_') if hasattr(cfg, 'get') else None
+    if scope is None:
+        current = DefaultScope.get_current_instance()
+        scope = current.scope_name if current is not None else None
+    if registry is None:
+        return scope
+    if scope is not None and registry._get_root_registry()._search_child(scope) is not None:
+        return scope
+    return registry.scope
+
+
+def _mmsn_build(build_func):
+    """Wraps a MODELS build function: registers ``SWResNet`` in mmdet's or mmseg's registry
+    the first time a config of that scope asks for it, and applies :func:`patch_norm_eval`
+    to every model built."""
+    if getattr(build_func, '_mmsn_build', False):
+        return build_func
+
+    @wraps(build_func)
+    def build(cfg, *args, **kwargs):
+        if _config_type(cfg) == 'SWResNet':
+            from .backbones import register_backbones
+            register_backbones(_build_scope(cfg, kwargs.get('registry')))
+        model = build_func(cfg, *args, **kwargs)
+        if isinstance(model, nn.Module):
+            patch_norm_eval(model)
+        return model
+
+    build._mmsn_build = True
+    return build
+
+
+def install_build_hook() -> None:
+    """Wraps the build function of mmengine's root ``MODELS`` and of its descendants that
+    exist now (mmdet's and mmseg's, if imported already); registries created later copy the
+    root's function. Only model builds are touched, and only as :func:`_mmsn_build` says."""
+    from mmengine.registry import MODELS
+    pending = [MODELS]
+    while pending:
+        registry = pending.pop()
+        registry.build_func = _mmsn_build(registry.build_func)
+        pending.extend(registry.children.values())
 
 
 def patch_norm_decay() -> bool:
@@ -90,53 +141,22 @@ def patch_norm_decay() -> bool:
     return True
 
 
-def _numpy_safe_globals() -> list:
-    import numpy as np
-    allowed = [np.dtype, np.ndarray]
-    allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64,
-                                            np.int32, np.uint8, np.bool_)]
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
-    return allowed + [scalar, _reconstruct]
-
-
-def load_local_checkpoint(filename: str, map_location=None):
-    """mmengine's local-file checkpoint loader, working under torch >= 2.6.
-
-    torch >= 2.6 loads with ``weights_only=True`` by default; mmengine 0.10.7 stores numpy
-    scalars in ``meta`` and ``HistoryBuffer`` objects in ``message_hub`` (mmengine issue
-    #1655), so its own checkpoints fail to load. Numpy scalars and arrays are allowed as safe
-    types; a file that still needs more (a resumable training checkpoint) is loaded with
-    ``weights_only=False``, which is what torch < 2.6 always did, with a warning that names it.
-    """
-    import os.path as osp
-    import pickle
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).split('WeightsUnpickler error:')[-1].strip().split('.')[0]
-        warnings.warn(f'mmsn: loading {filename} with weights_only=False ({reason}); '
-                      f'load only checkpoints you trust')
-        return torch.load(filename, map_location=map_location, weights_only=False)
-
-
-def allow_mmengine_checkpoints() -> bool:
-    """Installs :func:`load_local_checkpoint` as mmengine's loader for local files.
+def install_checkpoint_loader() -> bool:
+    """Makes mmengine load local checkpoint files with :func:`mmsn.checkpoint.load_checkpoint_file`:
+    always ``weights_only=True``, with exactly the globals mmengine's own checkpoints hold
+    (so training checkpoints resume under torch >= 2.6, mmengine issue #1655), everything
+    else refused unless the file is trusted by path (``MMSN_TRUSTED_CHECKPOINTS``).
 
     Returns:
-        bool: whether it was installed (mmengine present and torch has ``safe_globals``).
+        bool: whether it was installed (mmengine present and torch >= 2.6; older torch keeps
+        mmengine's loader, i.e. torch's own default).
     """
-    if not hasattr(torch.serialization, 'safe_globals'):
-        return False  # torch < 2.5 loads with weights_only=False anyway
+    from ..checkpoint import load_checkpoint_file, supports_safe_loading
+    if not supports_safe_loading():
+        return False
     try:
         from mmengine.runner.checkpoint import CheckpointLoader
     except ImportError:
         return False
-    CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+    CheckpointLoader.register_scheme(prefixes='', loader=load_checkpoint_file, force=True)
     return True

@@ -13,6 +13,8 @@ import os.path as osp
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import add_trust_option, trust_checkpoint
+
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='the directory to save logs and models')
@@ -20,6 +22,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help='override config settings, key=value pairs (xxx=yyy)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
+    add_trust_option(parser)
     # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
@@ -60,6 +63,15 @@ def prepare_config(cfg, args, mode: str):
             cfg.resume, cfg.load_from = True, args.resume
     else:
         cfg.load_from = args.checkpoint
+    if getattr(args, 'trust_checkpoint', False):
+        trusted = cfg.get('load_from')
+        if trusted is None and cfg.get('resume'):
+            from mmengine.runner import find_latest_checkpoint
+            trusted = find_latest_checkpoint(cfg.work_dir)
+        if trusted is None:
+            raise ValueError('--trust-checkpoint: expected a checkpoint to trust (--resume '
+                             'CKPT, a work dir with a last_checkpoint, or load_from), got none')
+        trust_checkpoint(trusted)
     if args.launcher != 'none':
         cfg.setdefault('env_cfg', ConfigDict())
         cfg.env_cfg.setdefault('dist_cfg', ConfigDict())

@@ -1,6 +1,6 @@
 """Registration of the layers in mmengine's root MODELS registry."""
 from ..layers import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d,
-                      SyncSwitchNorm, SyncSwitchWhiten2d)
+                      SyncSparseSwitchNorm2d, SyncSwitchNorm, SyncSwitchWhiten2d)
 
 #: Config type names, as mmcv names BN ('BN' = 'BN2d', 'BN1d', 'BN3d', 'SyncBN').
 LAYER_NAMES = {
@@ -10,6 +10,7 @@ LAYER_NAMES = {
     'SN3d': SwitchNorm3d,
     'SyncSN': SyncSwitchNorm,
     'SSN': SparseSwitchNorm2d,
+    'SyncSSN': SyncSparseSwitchNorm2d,
     'SW': SwitchWhiten2d,
     'SyncSW': SyncSwitchWhiten2d,
 }

@@ -8,18 +8,26 @@ import sys
 
 import torch
 
+from mmsn.checkpoint import add_trust_option, load_checkpoint_file
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('checkpoint')
     parser.add_argument('out')
+    add_trust_option(parser)
     args = parser.parse_args(argv)
     from mmsn.analysis import ratios_from_state_dict
     from mmsn.deploy import harden_state_dict
-    checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=False)
+    checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu',
+                                     trusted=args.trust_checkpoint)
     key = 'state_dict' if 'state_dict' in checkpoint else None
     state = checkpoint[key] if key else checkpoint
-    hard = harden_state_dict(state)
+    try:
+        hard = harden_state_dict(state)
+    except ValueError as error:
+        print(f'{args.checkpoint}: nothing written: {error}', file=sys.stderr)
+        return 1
     ratios = ratios_from_state_dict(hard)
     if not ratios:
         print(f'{args.checkpoint}: no SN/SW layers found', file=sys.stderr)

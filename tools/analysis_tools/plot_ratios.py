@@ -13,7 +13,7 @@ import glob
 import os.path as osp
 import sys
 
-import torch
+from mmsn.checkpoint import add_trust_option
 
 
 def find_checkpoint(path: str) -> str:
@@ -33,13 +33,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('source', metavar='CKPT_OR_WORKDIR')
     parser.add_argument('--out-dir', required=True)
+    add_trust_option(parser)
     parser.add_argument('--curve-layers', type=int, default=12,
                         help='layers drawn in the training-curve figure (spread over the net)')
     args = parser.parse_args(argv)
     from mmsn.analysis import format_ratio_table, ratio_history, ratios_from_state_dict
+    from mmsn.checkpoint import load_checkpoint_file
     from mmsn.plotting import plot_divergence, plot_layer_ratios, plot_ratio_curves
     checkpoint_path = find_checkpoint(args.source)
-    checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=False)
+    checkpoint = load_checkpoint_file(checkpoint_path, map_location='cpu',
+                                     trusted=args.trust_checkpoint)
     state = checkpoint.get('state_dict', checkpoint)
     ratios = checkpoint.get('meta', {}).get('switchable_ratios') or ratios_from_state_dict(state)
     if not ratios:

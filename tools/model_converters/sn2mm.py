@@ -9,6 +9,7 @@ is filled; otherwise lists the problems and exits with status 1.
 import argparse
 import sys
 
+from mmsn.checkpoint import add_trust_option
 from mmsn.converters import ConversionError, convert_checkpoint
 
 
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     parser.add_argument('--ssn-as-sn', action='store_true',
                         help='SSN sources: SN layers whose softmax gives the sparse ratios '
                              '(default: SSN layers with the release buffers)')
+    add_trust_option(parser)
     return parser.parse_args(argv)
 
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
         sw_layers = [p.strip() for p in sw_layers.split(',') if p.strip()]
     try:
         convert_checkpoint(args.src, args.dst, sw_layers, args.sw_type, args.num_pergroup,
-                           args.ssn_as_sn)
+                           args.ssn_as_sn, trusted=args.trust_checkpoint)
     except ConversionError as error:
         print(f'sn2mm: {args.src}: nothing written, {len(error.problems)} problem(s):',
               file=sys.stderr)
