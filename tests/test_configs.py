@@ -42,9 +42,10 @@ for _model, _head in SEG.items():
 
 # What a config may change with respect to its upstream base: normalization and what
 # normalization needs (pretrained backbone, norm_eval, no decay on norm parameters, the
-# norm-carrying box head of mmdet's gn/ configs).
+# norm-carrying box head of mmdet's gn/ configs) and mmsn's hooks (RandomStateHook: exact
+# resume).
 NORM_FIELDS = (
-    'custom_imports', 'norm_cfg', 'model.pretrained', 'model.backbone.type',
+    'custom_imports', 'custom_hooks', 'norm_cfg', 'model.pretrained', 'model.backbone.type',
     'model.backbone.norm_cfg', 'model.backbone.norm_eval', 'model.backbone.init_cfg',
     'model.backbone.sw_cfg', 'model.backbone.sw_layers', 'model.neck.norm_cfg',
     'model.roi_head.bbox_head.type', 'model.roi_head.bbox_head.conv_out_channels',

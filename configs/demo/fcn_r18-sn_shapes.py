@@ -69,4 +69,5 @@ default_hooks = dict(
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0)
 # the learned ratios, logged for the plots of tools/analysis_tools/plot_ratios.py
-custom_hooks = [dict(type='SwitchableRatioHook', interval=25)]
+# RandomStateHook: resuming continues exactly (the model's random draws are restored)
+custom_hooks = [dict(type='SwitchableRatioHook', interval=25), dict(type='RandomStateHook')]

@@ -87,4 +87,5 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))  # tools/ pick nccl themselves on 
 randomness = dict(seed=0)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
 # the learned ratios, logged for the plots of tools/analysis_tools/plot_ratios.py
-custom_hooks = [dict(type='SwitchableRatioHook', interval=25)]
+# RandomStateHook: resuming continues exactly (the model's random draws are restored)
+custom_hooks = [dict(type='SwitchableRatioHook', interval=25), dict(type='RandomStateHook')]

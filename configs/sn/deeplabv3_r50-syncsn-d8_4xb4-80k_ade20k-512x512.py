@@ -7,3 +7,5 @@ model = dict(
     backbone=dict(norm_cfg=norm_cfg),
     decode_head=dict(norm_cfg=norm_cfg),
     auxiliary_head=dict(norm_cfg=norm_cfg))
+# the model's random state in every checkpoint: --resume continues exactly (mmsn.mm.hooks)
+custom_hooks = [dict(type='RandomStateHook')]

@@ -19,3 +19,5 @@ model = dict(
         mask_head=dict(norm_cfg=norm_cfg)))
 # as the SN paper: no weight decay on SN's affine parameters and ratio logits
 optim_wrapper = dict(paramwise_cfg=dict(norm_decay_mult=0.))
+# the model's random state in every checkpoint: --resume continues exactly (mmsn.mm.hooks)
+custom_hooks = [dict(type='RandomStateHook')]

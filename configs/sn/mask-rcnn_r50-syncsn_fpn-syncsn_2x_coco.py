@@ -7,3 +7,5 @@ model = dict(
     backbone=dict(norm_cfg=norm_cfg),
     neck=dict(norm_cfg=norm_cfg),
     roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
+# the model's random state in every checkpoint: --resume continues exactly (mmsn.mm.hooks)
+custom_hooks = [dict(type='RandomStateHook')]

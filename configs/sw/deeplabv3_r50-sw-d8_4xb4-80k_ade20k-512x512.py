@@ -15,3 +15,5 @@ model = dict(
                       checkpoint='checkpoints/resnet50-swa-seg14_in1k_mmsn.pth',
                       source='ResNet-50 SW^a, ImageNet, Switchable-Whitening release',
                       convert_options='--sw-layers segmentation')))
+# the model's random state in every checkpoint: --resume continues exactly (mmsn.mm.hooks)
+custom_hooks = [dict(type='RandomStateHook')]

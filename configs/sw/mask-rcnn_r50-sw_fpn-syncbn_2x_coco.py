@@ -20,3 +20,5 @@ model = dict(
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256,
                        norm_cfg=norm_cfg),
         mask_head=dict(norm_cfg=norm_cfg)))
+# the model's random state in every checkpoint: --resume continues exactly (mmsn.mm.hooks)
+custom_hooks = [dict(type='RandomStateHook')]

@@ -99,11 +99,80 @@ class SSNRadiusHook(Hook):
                 module.fix_one_hot()
 
 
+class RandomStateHook(Hook):
+    """Saves the random state the model draws from in each checkpoint and restores it on
+    resume, so a resumed training continues exactly as the uninterrupted one.
+
+    mmengine reseeds on resume and replays the data pipeline of the batches already trained
+    (``IterBasedTrainLoop`` fetches and drops them), which reproduces the data order and the
+    numpy/random draws of the augmentations; but torch's generator, which the model draws
+    from (mmdet's RPN/R-CNN samplers, dropout), restarts from the seed. This hook stores
+    torch's CPU (and CUDA) generator state of every process in
+    ``checkpoint['mmsn_random_state']`` and sets it again right before the first resumed
+    iteration. In distributed runs every process's state is gathered to the saving process
+    after each training iteration (one small all-gather), as only that process writes.
+    """
+
+    priority = 'LOW'  # after the other hooks of an iteration, before CheckpointHook saves
+
+    def __init__(self):
+        self._gathered = None
+        self._to_restore = None
+
+    @staticmethod
+    def _local_state() -> dict:
+        import torch
+        return dict(torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        from mmengine.dist import all_gather_object, get_world_size
+        if get_world_size() > 1:
+            self._gathered = (runner.iter + 1, all_gather_object(self._local_state()))
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.dist import get_world_size
+        done = checkpoint.get('meta', {}).get('iter')  # the iteration a resume starts at
+        if get_world_size() == 1:
+            states = [self._local_state()]
+        elif self._gathered is not None and self._gathered[0] == done:
+            states = self._gathered[1]
+        else:  # not saved right after a training iteration: no exact state to give
+            return
+        checkpoint['mmsn_random_state'] = dict(iter=done, states=states)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        saved = checkpoint.get('mmsn_random_state')
+        if saved is None:
+            runner.logger.warning('RandomStateHook: the checkpoint holds no random state; the '
+                                  'resumed run draws different random numbers in the model')
+            return
+        self._to_restore = saved
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self._to_restore is None:
+            return
+        import torch
+        from mmengine.dist import get_rank, get_world_size
+        saved, self._to_restore = self._to_restore, None
+        if len(saved['states']) != get_world_size() or saved['iter'] != runner.iter:
+            runner.logger.warning(
+                f"RandomStateHook: the checkpoint's random state is of {len(saved['states'])} "
+                f"process(es) at iteration {saved['iter']}, this run has {get_world_size()} at "
+                f"{runner.iter}: not restored")
+            return
+        state = saved['states'][get_rank()]
+        torch.set_rng_state(state['torch'])
+        if state['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['cuda'])
+
+
 def register_hooks() -> None:
     """Registers the hooks in mmengine's root HOOKS (idempotent)."""
-    for cls in (SwitchableRatioHook, BatchAverageHook, SSNRadiusHook):
+    for cls in (SwitchableRatioHook, BatchAverageHook, SSNRadiusHook, RandomStateHook):
         if HOOKS.module_dict.get(cls.__name__) is not cls:
             HOOKS.register_module(module=cls)
 
 
-__all__ = ['SwitchableRatioHook', 'BatchAverageHook', 'SSNRadiusHook', 'register_hooks']
+__all__ = ['SwitchableRatioHook', 'BatchAverageHook', 'SSNRadiusHook', 'RandomStateHook',
+           'register_hooks']

@@ -1,0 +1,163 @@
+"""Resuming the demo trainings from the iteration-2 checkpoint of a 4-iteration run ends
+bitwise where the uninterrupted run ends (weights, ratio logits, running statistics,
+num_batches_tracked, optimizer and scheduler state), through our tools/train.py and through
+mmseg's own, on one process and on two; and the checkpoints load with weights_only, no
+fallback, no warning."""
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmsn.checkpoint import load_checkpoint_file
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SEGMENTATION = 'configs/demo/fcn_r18-sn_shapes.py'
+DETECTION = 'configs/demo/mask-rcnn_r18-sn_fpn-sn_shapes.py'
+
+pytestmark = pytest.mark.skipif(
+    not (osp.isdir(osp.join(ROOT, 'configs')) and
+         __import__('importlib').util.find_spec('mmseg') is not None),
+    reason='needs mmseg and mmdet (make test installs them)')
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    from mmsn.demo.shapes import make_shapes_dataset
+    root = str(tmp_path_factory.mktemp('resume') / 'shapes')
+    make_shapes_dataset(root, num_train=8, num_val=2)
+    return root
+
+
+def options(config, shapes):
+    found = [f'{loader}.dataset.data_root={shapes}/'
+             for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    if 'mask-rcnn' in osp.basename(config):
+        ann = f'{shapes}/annotations/instances_val.json'
+        found += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+    # 4 iterations of 2 images, a checkpoint every 2, validation only at the end
+    return found + ['train_dataloader.batch_size=2', 'train_cfg.max_iters=4',
+                    'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=2',
+                    'default_hooks.logger.interval=1']
+
+
+def train(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), nproc=1):
+    if nproc > 1:
+        command = ['bash', 'tools/dist_train.sh', config, str(nproc)]
+    else:
+        command = [sys.executable, tool, config]
+    command += ['--work-dir', str(work_dir), *args, '--cfg-options',
+                *options(config, shapes), *extra]
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(29500 + os.getpid() % 1000),
+               PYTHONWARNINGS='default')
+    env.pop('MMSN_TRUSTED_CHECKPOINTS', None)
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    return log
+
+
+def resume_from_iteration_2(first_run, work_dir):
+    """A work dir holding only the uninterrupted run's iteration-2 checkpoint."""
+    os.makedirs(work_dir)
+    checkpoint = osp.join(work_dir, 'iter_2.pth')
+    shutil.copy(osp.join(first_run, 'iter_2.pth'), checkpoint)
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(checkpoint)
+    return checkpoint
+
+
+def differences(expected_path, resumed_path):
+    """Names of the tensors (model state and optimizer state) that differ."""
+    expected = load_checkpoint_file(expected_path)
+    resumed = load_checkpoint_file(resumed_path)
+    found = [k for k, v in expected['state_dict'].items()
+             if not torch.equal(v, resumed['state_dict'][k])]
+    for index, state in expected['optimizer']['state'].items():
+        found += [f'optimizer.{index}.{k}' for k, v in state.items()
+                  if not torch.equal(v, resumed['optimizer']['state'][index][k])]
+    if expected['optimizer']['param_groups'] != resumed['optimizer']['param_groups']:
+        found.append('optimizer.param_groups')
+    if expected['param_schedulers'] != resumed['param_schedulers']:
+        found.append('param_schedulers')
+    return found
+
+
+def assert_resumed_safely(log):
+    assert 'resumed epoch: 0, iter: 2' in log
+    assert 'weights_only' not in log and 'Unsupported global' not in log
+
+
+def test_segmentation_resumes_bitwise_with_our_and_mmsegs_train_py(tmp_path, shapes):
+    import mmseg
+    first = tmp_path / 'uninterrupted'
+    train(SEGMENTATION, first, shapes)
+    state = load_checkpoint_file(str(first / 'iter_4.pth'))['state_dict']
+    assert int(state['backbone.stem.1.num_batches_tracked']) == 4
+    ours = tmp_path / 'ours'
+    checkpoint = resume_from_iteration_2(first, ours)
+    assert_resumed_safely(train(SEGMENTATION, ours, shapes, '--resume', checkpoint))
+    assert differences(first / 'iter_4.pth', ours / 'iter_4.pth') == []
+    # mmseg's own tools/train.py, --resume finding the latest checkpoint of the work dir
+    upstream = tmp_path / 'mmseg'
+    resume_from_iteration_2(first, upstream)
+    tool = osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'train.py')
+    assert_resumed_safely(train(SEGMENTATION, upstream, shapes, '--resume', tool=tool))
+    assert differences(first / 'iter_4.pth', upstream / 'iter_4.pth') == []
+
+
+def test_detection_resumes_bitwise_only_with_the_random_state(tmp_path, shapes):
+    """Mask R-CNN samples RPN/R-CNN proposals with torch's generator: RandomStateHook's
+    saved state is what makes the resumed run equal (without it, most tensors differ)."""
+    first = tmp_path / 'uninterrupted'
+    train(DETECTION, first, shapes)
+    assert 'mmsn_random_state' in load_checkpoint_file(str(first / 'iter_2.pth'))
+    resumed = tmp_path / 'resumed'
+    checkpoint = resume_from_iteration_2(first, resumed)
+    assert_resumed_safely(train(DETECTION, resumed, shapes, '--resume', checkpoint))
+    assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
+    without = tmp_path / 'without_hook'
+    checkpoint = resume_from_iteration_2(first, without)
+    config = derived_config(tmp_path, DETECTION, 'custom_hooks = []\n')
+    train(config, without, shapes, '--resume', checkpoint)
+    assert len(differences(first / 'iter_4.pth', without / 'iter_4.pth')) > 10
+
+
+def derived_config(tmp_path, base, body):
+    config = tmp_path / f'derived_{osp.basename(base)}'
+    config.write_text(f"_base_ = '{osp.join(ROOT, base)}'\n" + body)
+    return str(config)
+
+
+def test_ssn_radius_schedule_resumes_bitwise(tmp_path, shapes):
+    config = derived_config(
+        tmp_path, SEGMENTATION,
+        "norm_cfg = dict(type='SSN')\n"
+        "model = dict(backbone=dict(norm_cfg=norm_cfg), decode_head=dict(norm_cfg=norm_cfg))\n"
+        "custom_hooks = [dict(type='RandomStateHook'),\n"
+        "                dict(type='SSNRadiusHook', max_radius=1.0, end=3)]\n")
+    first = tmp_path / 'uninterrupted'
+    train(config, first, shapes)
+    final = load_checkpoint_file(str(first / 'iter_4.pth'))['state_dict']
+    assert float(final['backbone.stem.1.radius']) == 1.0
+    assert int(final['backbone.stem.1.mean_fixed']) == 1  # one-hot and frozen by the end
+    resumed = tmp_path / 'resumed'
+    checkpoint = resume_from_iteration_2(first, resumed)
+    assert_resumed_safely(train(config, resumed, shapes, '--resume', checkpoint))
+    assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
+
+
+def test_two_process_syncsn_training_resumes_bitwise(tmp_path, shapes):
+    extra = ['model.backbone.norm_cfg.type=SyncSN', 'model.decode_head.norm_cfg.type=SyncSN']
+    first = tmp_path / 'uninterrupted'
+    train(SEGMENTATION, first, shapes, nproc=2, extra=extra)
+    saved = load_checkpoint_file(str(first / 'iter_2.pth'))['mmsn_random_state']
+    assert saved['iter'] == 2 and len(saved['states']) == 2  # both processes' generators
+    resumed = tmp_path / 'resumed'
+    checkpoint = resume_from_iteration_2(first, resumed)
+    assert_resumed_safely(train(SEGMENTATION, resumed, shapes, '--resume', checkpoint, nproc=2,
+                                extra=extra))
+    assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
