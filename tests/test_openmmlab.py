@@ -265,3 +265,27 @@ def test_import_mmsn_imports_neither_mmdet_nor_mmseg():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == '[]'
+
+
+def test_tools_refuse_an_untrusted_checkpoint_and_load_it_with_trust_checkpoint(tmp_path):
+    import importlib.util
+    import os.path as osp
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        'harden_tool', osp.join(root, 'tools/analysis_tools/harden_ratios.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    marker = tmp_path / 'ran'
+
+    class MakesADirectory:  # unpickles to None, so the tool can save what it loaded
+        def __reduce__(self):
+            import os
+            return (os.makedirs, (str(marker),))
+
+    torch.save(dict(state_dict=SwitchNorm2d(4).state_dict(), extra=MakesADirectory()),
+               tmp_path / 'in.pth')
+    argv = [str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth')]
+    assert tool.main(argv) == 1
+    assert not marker.exists() and not (tmp_path / 'out.pth').exists()
+    assert tool.main(argv + ['--trust-checkpoint']) == 0
+    assert marker.exists() and (tmp_path / 'out.pth').exists()

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from mmsn.checkpoint import add_trust_option, load_checkpoint_file
+from mmsn.checkpoint import UntrustedCheckpointError, add_trust_option, load_checkpoint_file
 
 
 def main(argv=None) -> int:
@@ -19,8 +19,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from mmsn.analysis import ratios_from_state_dict
     from mmsn.deploy import harden_state_dict
-    checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu',
-                                     trusted=args.trust_checkpoint)
+    try:
+        checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu',
+                                         trusted=args.trust_checkpoint)
+    except UntrustedCheckpointError as error:
+        print(error, file=sys.stderr)
+        return 1
     key = 'state_dict' if 'state_dict' in checkpoint else None
     state = checkpoint[key] if key else checkpoint
     try:
