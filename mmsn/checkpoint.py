@@ -16,6 +16,7 @@ Every load in mmsn (its tools, the converter, and mmengine's local-file loader o
   ``trusted=True`` (mmsn's tools: ``--trust-checkpoint``). Only then is the file loaded with
   ``weights_only=False``.
 """
+import contextlib
 import os
 import os.path as osp
 import pickle
@@ -81,6 +82,25 @@ def _history_buffer_globals() -> List[Union[object, Tuple[Callable, str]]]:
     return [HistoryBuffer, (history_buffer_method, 'builtins.getattr')]
 
 
+@contextlib.contextmanager
+def _history_buffer_class_state_kept():
+    """``HistoryBuffer.__setstate__`` merges a file's ``statistics_methods`` into a CLASS
+    attribute: whatever a file puts there (a refused file included) would change every
+    HistoryBuffer of the process. Its methods are the only legitimate values, and the
+    defaults already hold them, so the class attribute is put back as it was."""
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+    except ImportError:
+        yield
+        return
+    kept = dict(HistoryBuffer._statistics_methods)
+    try:
+        yield
+    finally:
+        HistoryBuffer._statistics_methods.clear()
+        HistoryBuffer._statistics_methods.update(kept)
+
+
 def mmengine_checkpoint_globals() -> List[Union[object, Tuple[Callable, str]]]:
     """The globals an mmengine (0.10) checkpoint holds besides tensors and containers."""
     return _numpy_globals() + _history_buffer_globals()
@@ -89,7 +109,8 @@ def mmengine_checkpoint_globals() -> List[Union[object, Tuple[Callable, str]]]:
 def trusted_checkpoints() -> List[str]:
     """The real paths listed in ``MMSN_TRUSTED_CHECKPOINTS``."""
     listed = os.environ.get(TRUSTED_CHECKPOINTS_ENV, '')
-    return [osp.realpath(osp.expanduser(p)) for p in listed.split(os.pathsep) if p.strip()]
+    return [osp.realpath(osp.expanduser(p.strip())) for p in listed.split(os.pathsep)
+            if p.strip()]
 
 
 def is_trusted(filename: str) -> bool:
@@ -126,10 +147,11 @@ def load_checkpoint_file(filename: str, map_location=None, trusted: bool = False
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     try:
-        if supports_safe_loading():
-            with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
-                return torch.load(filename, map_location=map_location, weights_only=True)
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        with _history_buffer_class_state_kept():
+            if supports_safe_loading():
+                with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
+                    return torch.load(filename, map_location=map_location, weights_only=True)
+            return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if trusted or is_trusted(filename):
             return torch.load(filename, map_location=map_location, weights_only=False)

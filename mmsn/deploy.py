@@ -70,9 +70,9 @@ def harden_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """
     hard = OrderedDict(state_dict)
     for layer in ratios_from_state_dict(state_dict):
-        start = len(layer) + 1 if layer else 0  # '' for a single layer's state dict
-        local = {k[start:]: v for k, v in state_dict.items()
-                 if k.startswith(layer[:start]) and '.' not in k[start:]}
+        prefix = f'{layer}.' if layer else ''  # '' for a single layer's state dict
+        local = {k[len(prefix):]: v for k, v in state_dict.items()
+                 if k.startswith(prefix) and '.' not in k[len(prefix):]}
         hard.update((k if not layer else f'{layer}.{k}', v)
                     for k, v in _hardened(layer, local).items())
     for layer, ratios in ratios_from_state_dict(hard).items():

@@ -289,3 +289,43 @@ def test_tools_refuse_an_untrusted_checkpoint_and_load_it_with_trust_checkpoint(
     assert not marker.exists() and not (tmp_path / 'out.pth').exists()
     assert tool.main(argv + ['--trust-checkpoint']) == 0
     assert marker.exists() and (tmp_path / 'out.pth').exists()
+
+
+def test_a_refused_file_leaves_history_buffer_class_state_alone(tmp_path):
+    """HistoryBuffer.__setstate__ writes into a class attribute; a file must not change it
+    for the whole process, refused or not."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    from mmsn.checkpoint import UntrustedCheckpointError, load_checkpoint_file
+    before = dict(HistoryBuffer._statistics_methods)
+    poisoned = HistoryBuffer([1.0], [1])
+    poisoned.__dict__['statistics_methods'] = {'mean': np.arange(3)}
+
+    class Pickled(HistoryBuffer):  # pickles as HistoryBuffer with the poisoned state
+        def __reduce_ex__(self, protocol):
+            return (HistoryBuffer.__new__, (HistoryBuffer,), dict(self.__dict__))
+
+    carrier = Pickled([1.0], [1])
+    carrier.__dict__.update(statistics_methods={'mean': np.arange(3)})
+    torch.save(dict(hub=carrier, then=_RunsCodeOnLoad(tmp_path / 'ran')), tmp_path / 'x.pth')
+    with pytest.raises(UntrustedCheckpointError):
+        load_checkpoint_file(str(tmp_path / 'x.pth'))
+    assert HistoryBuffer._statistics_methods == before
+    assert HistoryBuffer([1.0, 3.0], [1, 1]).mean() == 2.0
+
+
+def test_swresnet_builds_from_the_root_registry_in_a_fresh_process():
+    import subprocess
+    import sys
+    code = ('import mmsn\n'
+            'from mmengine.registry import MODELS, init_default_scope\n'
+            'cfg = dict(type="SWResNet", depth=18, base_channels=16, sw_layers=["norm1"], '
+            'sw_cfg=dict(type="SW", num_pergroup=8), init_cfg=None)\n'
+            'print(type(MODELS.build(dict(cfg, _scope_="mmdet"))).__mro__[1].__module__)\n'
+            'init_default_scope("mmseg")\n'
+            'print(type(MODELS.build(cfg)).__mro__[1].__module__)\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ['mmdet.models.backbones.resnet',
+                                  'mmseg.models.backbones.resnet']

@@ -93,7 +93,7 @@ def test_batch_average_is_reduced_over_processes(tmp_path):
         batch_average_statistics(layer, batches(rank, 3), layer)
         local.append((layer.running_mean, layer.running_var))
     for rank in range(2):
-        mean, var = torch.load(tmp_path / f'stats.{rank}')
+        mean, var = torch.load(tmp_path / f'stats.{rank}', weights_only=True)
         torch.testing.assert_close(mean, (local[0][0] + local[1][0]) / 2)
         torch.testing.assert_close(var, (local[0][1] + local[1][1]) / 2)
 

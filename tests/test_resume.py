@@ -1,8 +1,9 @@
-"""Resuming the demo trainings from the iteration-2 checkpoint of a 4-iteration run ends
-bitwise where the uninterrupted run ends (weights, ratio logits, running statistics,
-num_batches_tracked, optimizer and scheduler state), through our tools/train.py and through
-mmseg's own, on one process and on two; and the checkpoints load with weights_only, no
-fallback, no warning."""
+"""Resuming the demo trainings from the middle checkpoint of a run ends bitwise where the
+uninterrupted run ends (weights, ratio logits, running statistics, num_batches_tracked,
+optimizer and scheduler state): iteration loops with validation at the checkpoint, an epoch
+loop, through our tools/train.py and mmdet's and mmseg's own, SSN with its radius schedule,
+SyncSN on two processes, with dropout where the model draws no other random numbers; and the
+checkpoints load with weights_only, no fallback, no warning."""
 import os
 import os.path as osp
 import shutil
@@ -32,25 +33,28 @@ def shapes(tmp_path_factory):
     return root
 
 
-def options(config, shapes):
+def options(config, shapes, epochs=False):
     found = [f'{loader}.dataset.data_root={shapes}/'
              for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
     if 'mask-rcnn' in osp.basename(config):
         ann = f'{shapes}/annotations/instances_val.json'
         found += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
-    # 4 iterations of 2 images, a checkpoint every 2, validation only at the end
-    return found + ['train_dataloader.batch_size=2', 'train_cfg.max_iters=4',
-                    'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=2',
-                    'default_hooks.logger.interval=1']
+    found += ['train_dataloader.batch_size=2', 'default_hooks.logger.interval=1']
+    if epochs:  # the config sets the loop: 2 epochs of 4 iterations
+        return found
+    # 4 iterations of 2 images, a checkpoint and a validation every 2
+    return found + ['train_cfg.max_iters=4', 'train_cfg.val_interval=2',
+                    'default_hooks.checkpoint.interval=2']
 
 
-def train(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), nproc=1):
+def train(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), nproc=1,
+          epochs=False):
     if nproc > 1:
         command = ['bash', 'tools/dist_train.sh', config, str(nproc)]
     else:
         command = [sys.executable, tool, config]
     command += ['--work-dir', str(work_dir), *args, '--cfg-options',
-                *options(config, shapes), *extra]
+                *options(config, shapes, epochs), *extra]
     env = dict(os.environ, PYTHON=sys.executable, PORT=str(29500 + os.getpid() % 1000),
                PYTHONWARNINGS='default')
     env.pop('MMSN_TRUSTED_CHECKPOINTS', None)
@@ -60,11 +64,11 @@ def train(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), npro
     return log
 
 
-def resume_from_iteration_2(first_run, work_dir):
-    """A work dir holding only the uninterrupted run's iteration-2 checkpoint."""
+def resume_from_iteration_2(first_run, work_dir, name='iter_2.pth'):
+    """A work dir holding only the uninterrupted run's middle checkpoint."""
     os.makedirs(work_dir)
-    checkpoint = osp.join(work_dir, 'iter_2.pth')
-    shutil.copy(osp.join(first_run, 'iter_2.pth'), checkpoint)
+    checkpoint = osp.join(work_dir, name)
+    shutil.copy(osp.join(first_run, name), checkpoint)
     with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
         f.write(checkpoint)
     return checkpoint
@@ -86,27 +90,29 @@ def differences(expected_path, resumed_path):
     return found
 
 
-def assert_resumed_safely(log):
-    assert 'resumed epoch: 0, iter: 2' in log
+def assert_resumed_safely(log, where='epoch: 0, iter: 2'):
+    assert f'resumed {where}' in log
     assert 'weights_only' not in log and 'Unsupported global' not in log
+    assert 'RandomStateHook' not in log.split('resumed')[-1]  # restored, no warning
 
 
-def test_segmentation_resumes_bitwise_with_our_and_mmsegs_train_py(tmp_path, shapes):
-    import mmseg
+def upstream_tool(package):
+    return osp.join(osp.dirname(__import__(package).__file__), '.mim', 'tools', 'train.py')
+
+
+DROPOUT = ['model.decode_head.dropout_ratio=0.1']  # FCN then draws from torch's generator
+
+
+def test_segmentation_resumes_bitwise(tmp_path, shapes):
     first = tmp_path / 'uninterrupted'
-    train(SEGMENTATION, first, shapes)
+    train(SEGMENTATION, first, shapes, extra=DROPOUT)
     state = load_checkpoint_file(str(first / 'iter_4.pth'))['state_dict']
     assert int(state['backbone.stem.1.num_batches_tracked']) == 4
     ours = tmp_path / 'ours'
     checkpoint = resume_from_iteration_2(first, ours)
-    assert_resumed_safely(train(SEGMENTATION, ours, shapes, '--resume', checkpoint))
+    assert_resumed_safely(train(SEGMENTATION, ours, shapes, '--resume', checkpoint,
+                                extra=DROPOUT))
     assert differences(first / 'iter_4.pth', ours / 'iter_4.pth') == []
-    # mmseg's own tools/train.py, --resume finding the latest checkpoint of the work dir
-    upstream = tmp_path / 'mmseg'
-    resume_from_iteration_2(first, upstream)
-    tool = osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'train.py')
-    assert_resumed_safely(train(SEGMENTATION, upstream, shapes, '--resume', tool=tool))
-    assert differences(first / 'iter_4.pth', upstream / 'iter_4.pth') == []
 
 
 def test_detection_resumes_bitwise_only_with_the_random_state(tmp_path, shapes):
@@ -126,6 +132,22 @@ def test_detection_resumes_bitwise_only_with_the_random_state(tmp_path, shapes):
     assert len(differences(first / 'iter_4.pth', without / 'iter_4.pth')) > 10
 
 
+def test_detection_epoch_loop_resumes_bitwise_with_mmdets_train_py(tmp_path, shapes):
+    """mmdet's COCO configs train by epochs: resumed at an epoch's start, no replay."""
+    config = derived_config(
+        tmp_path, DETECTION,
+        "train_cfg = dict(_delete_=True, type='EpochBasedTrainLoop', max_epochs=2, "
+        "val_interval=1)\n"
+        "default_hooks = dict(checkpoint=dict(by_epoch=True, interval=1))\n")
+    first = tmp_path / 'uninterrupted'
+    train(config, first, shapes, epochs=True)
+    resumed = tmp_path / 'resumed'
+    resume_from_iteration_2(first, resumed, name='epoch_1.pth')
+    log = train(config, resumed, shapes, '--resume', tool=upstream_tool('mmdet'), epochs=True)
+    assert_resumed_safely(log, where='epoch: 1, iter: 4')
+    assert differences(first / 'epoch_2.pth', resumed / 'epoch_2.pth') == []
+
+
 def derived_config(tmp_path, base, body):
     config = tmp_path / f'derived_{osp.basename(base)}'
     config.write_text(f"_base_ = '{osp.join(ROOT, base)}'\n" + body)
@@ -140,18 +162,20 @@ def test_ssn_radius_schedule_resumes_bitwise(tmp_path, shapes):
         "custom_hooks = [dict(type='RandomStateHook'),\n"
         "                dict(type='SSNRadiusHook', max_radius=1.0, end=3)]\n")
     first = tmp_path / 'uninterrupted'
-    train(config, first, shapes)
+    train(config, first, shapes, extra=DROPOUT)
     final = load_checkpoint_file(str(first / 'iter_4.pth'))['state_dict']
     assert float(final['backbone.stem.1.radius']) == 1.0
     assert int(final['backbone.stem.1.mean_fixed']) == 1  # one-hot and frozen by the end
-    resumed = tmp_path / 'resumed'
-    checkpoint = resume_from_iteration_2(first, resumed)
-    assert_resumed_safely(train(config, resumed, shapes, '--resume', checkpoint))
+    resumed = tmp_path / 'resumed'  # through mmseg's own tools/train.py, --resume finding
+    resume_from_iteration_2(first, resumed)  # the latest checkpoint of the work dir
+    assert_resumed_safely(train(config, resumed, shapes, '--resume',
+                                tool=upstream_tool('mmseg'), extra=DROPOUT))
     assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
 
 
 def test_two_process_syncsn_training_resumes_bitwise(tmp_path, shapes):
-    extra = ['model.backbone.norm_cfg.type=SyncSN', 'model.decode_head.norm_cfg.type=SyncSN']
+    extra = ['model.backbone.norm_cfg.type=SyncSN', 'model.decode_head.norm_cfg.type=SyncSN',
+             *DROPOUT]
     first = tmp_path / 'uninterrupted'
     train(SEGMENTATION, first, shapes, nproc=2, extra=extra)
     saved = load_checkpoint_file(str(first / 'iter_2.pth'))['mmsn_random_state']

@@ -5,6 +5,7 @@ Each is narrow: it changes how one check sees SN/SW layers (or how one loader re
 and nothing else, and applying it twice changes nothing. None imports mmdet or mmseg: that
 waits until a model of theirs is built.
 """
+import importlib
 from functools import wraps
 from typing import Optional
 
@@ -84,8 +85,13 @@ def _build_scope(cfg, registry) -> Optional[str]:
         scope = current.scope_name if current is not None else None
     if registry is None:
         return scope
-    if scope is not None and registry._get_root_registry()._search_child(scope) is not None:
-        return scope
+    if scope is not None:
+        try:  # as switch_scope_and_registry does: the scope's registry may not exist yet
+            importlib.import_module(f'{scope}.registry')
+        except ImportError:
+            pass
+        if registry._get_root_registry()._search_child(scope) is not None:
+            return scope
     return registry.scope
 
 

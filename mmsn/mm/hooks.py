@@ -99,18 +99,73 @@ class SSNRadiusHook(Hook):
                 module.fix_one_hot()
 
 
-class RandomStateHook(Hook):
-    """Saves the random state the model draws from in each checkpoint and restores it on
-    resume, so a resumed training continues exactly as the uninterrupted one.
+def random_state() -> dict:
+    """The generators a training draws from in this process: torch's CPU generator, the
+    current CUDA device's, numpy's global one and Python's."""
+    import random
 
-    mmengine reseeds on resume and replays the data pipeline of the batches already trained
-    (``IterBasedTrainLoop`` fetches and drops them), which reproduces the data order and the
-    numpy/random draws of the augmentations; but torch's generator, which the model draws
-    from (mmdet's RPN/R-CNN samplers, dropout), restarts from the seed. This hook stores
-    torch's CPU (and CUDA) generator state of every process in
-    ``checkpoint['mmsn_random_state']`` and sets it again right before the first resumed
-    iteration. In distributed runs every process's state is gathered to the saving process
-    after each training iteration (one small all-gather), as only that process writes.
+    import numpy as np
+    import torch
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                numpy=np.random.get_state(), random=random.getstate())
+
+
+def set_random_state(state: dict) -> None:
+    """Sets the generators saved by :func:`random_state`."""
+    import random
+
+    import numpy as np
+    import torch
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['random'])
+
+
+class _RestoreBeforeFetch:
+    """Stands in for an ``IterBasedTrainLoop``'s data iterator: lets the loop skip the
+    batches already trained, then sets the saved random state right before fetching the
+    first new batch (where the uninterrupted run was when it saved) and steps aside."""
+
+    def __init__(self, loop, skips: int, state: dict):
+        self._loop, self._iterator = loop, loop.dataloader_iterator
+        self._skips, self._state = skips, state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._skips == 0:
+            set_random_state(self._state)
+            self._loop.dataloader_iterator = self._iterator
+        self._skips -= 1
+        return next(self._iterator)
+
+    def __getattr__(self, name):
+        return getattr(self._iterator, name)
+
+
+class RandomStateHook(Hook):
+    """Saves the random state of every process in each checkpoint and restores it on resume,
+    so a resumed training continues exactly as the uninterrupted one; validation during
+    training leaves the random state as it found it.
+
+    mmengine reseeds on resume (and an ``IterBasedTrainLoop`` replays the data pipeline of
+    the batches already trained), but the generators then hold other states than the
+    uninterrupted run's: torch's, which the model draws from (mmdet's proposal samplers,
+    dropout) and the DataLoader draws its base seed from, and numpy's and Python's, which
+    the augmentations draw from. This hook stores all four (torch CPU, current CUDA device,
+    numpy, random) of every process in ``checkpoint['mmsn_random_state']`` and sets them
+    again where the uninterrupted run stood when it saved: right before the first new batch
+    is fetched (iteration loops, after the replayed ones) or at the start of the next epoch
+    (epoch loops). Validation, which draws from them too (a DataLoader base seed per
+    pass), is made neutral: the state is saved before it and restored after it.
+
+    In distributed runs only rank 0 writes the checkpoint, so the states of all processes
+    are gathered to it (one small all-gather) after the iterations or epochs where the
+    ``CheckpointHook`` saves.
     """
 
     priority = 'LOW'  # after the other hooks of an iteration, before CheckpointHook saves
@@ -118,26 +173,50 @@ class RandomStateHook(Hook):
     def __init__(self):
         self._gathered = None
         self._to_restore = None
+        self._before_val = None
 
     @staticmethod
-    def _local_state() -> dict:
-        import torch
-        return dict(torch=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    def _checkpoint_hook(runner):
+        from mmengine.hooks import CheckpointHook
+        return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+
+    def _gather_if_saving(self, runner, by_epoch: bool) -> None:
+        from mmengine.dist import all_gather_object, get_world_size
+        if get_world_size() == 1:
+            return
+        hook = self._checkpoint_hook(runner)
+        if hook is not None:
+            if hook.by_epoch != by_epoch:
+                return
+            due = (self.every_n_epochs(runner, hook.interval, hook.save_begin)
+                   or (hook.save_last and self.is_last_train_epoch(runner))) if by_epoch else (
+                self.every_n_train_iters(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and self.is_last_train_iter(runner)))
+            if not due:
+                return
+        # the iteration a resume from the checkpoint saved now starts at
+        self._gathered = (runner.iter if by_epoch else runner.iter + 1,
+                          all_gather_object(random_state()))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        from mmengine.dist import all_gather_object, get_world_size
-        if get_world_size() > 1:
-            self._gathered = (runner.iter + 1, all_gather_object(self._local_state()))
+        self._gather_if_saving(runner, by_epoch=False)
+
+    def after_train_epoch(self, runner) -> None:
+        self._gather_if_saving(runner, by_epoch=True)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         from mmengine.dist import get_world_size
         done = checkpoint.get('meta', {}).get('iter')  # the iteration a resume starts at
         if get_world_size() == 1:
-            states = [self._local_state()]
+            # during validation (a best-metric checkpoint): the state training goes on with
+            states = [self._before_val or random_state()]
         elif self._gathered is not None and self._gathered[0] == done:
             states = self._gathered[1]
-        else:  # not saved right after a training iteration: no exact state to give
+        else:
+            runner.logger.warning(
+                f'RandomStateHook: this checkpoint (iteration {done}) is not saved right '
+                f'after a training iteration or epoch, so no random state is stored with it; '
+                f'a run resumed from it draws other random numbers')
             return
         checkpoint['mmsn_random_state'] = dict(iter=done, states=states)
 
@@ -145,26 +224,43 @@ class RandomStateHook(Hook):
         saved = checkpoint.get('mmsn_random_state')
         if saved is None:
             runner.logger.warning('RandomStateHook: the checkpoint holds no random state; the '
-                                  'resumed run draws different random numbers in the model')
+                                  'resumed run draws other random numbers')
             return
         self._to_restore = saved
 
-    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        if self._to_restore is None:
-            return
-        import torch
+    def _restorable(self, runner) -> Optional[dict]:
         from mmengine.dist import get_rank, get_world_size
         saved, self._to_restore = self._to_restore, None
+        if saved is None:
+            return None
         if len(saved['states']) != get_world_size() or saved['iter'] != runner.iter:
             runner.logger.warning(
                 f"RandomStateHook: the checkpoint's random state is of {len(saved['states'])} "
                 f"process(es) at iteration {saved['iter']}, this run has {get_world_size()} at "
                 f"{runner.iter}: not restored")
-            return
-        state = saved['states'][get_rank()]
-        torch.set_rng_state(state['torch'])
-        if state['cuda'] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state['cuda'])
+            return None
+        return saved['states'][get_rank()]
+
+    def before_train(self, runner) -> None:
+        loop = runner.train_loop
+        if self._to_restore is not None and hasattr(loop, 'dataloader_iterator'):
+            state = self._restorable(runner)
+            if state is not None:
+                loop.dataloader_iterator = _RestoreBeforeFetch(loop, runner.iter, state)
+
+    def before_train_epoch(self, runner) -> None:
+        if self._to_restore is not None:  # an epoch loop: resumed at an epoch's start
+            state = self._restorable(runner)
+            if state is not None:
+                set_random_state(state)
+
+    def before_val(self, runner) -> None:
+        self._before_val = random_state()
+
+    def after_val(self, runner) -> None:
+        if self._before_val is not None:
+            set_random_state(self._before_val)
+            self._before_val = None
 
 
 def register_hooks() -> None:

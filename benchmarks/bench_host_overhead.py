@@ -1,0 +1,110 @@
+"""Host time of one norm layer's forward + backward where launches dominate (issue #11):
+BN, GN, SN and SW at a tiny shape, as ratios to BN, with each layer's device work (Triton
+launches + aten ops that launch, counted by ``mmsn.ops.counting.DeviceWork``).
+
+On the CPU the SN/SW kernels are planned but not launched (``observe_launches`` returning
+False, so Triton's interpreter does not run): what is left is the host work a GPU step would
+pay. On a GPU every launch runs; host time is the wall time per step without a synchronise
+(N steps, then one), device time from CUDA events.
+
+    python benchmarks/bench_host_overhead.py [--shape 2 64 2 2] [--steps 200] [--csv PATH]
+"""
+import argparse
+import contextlib
+import os
+import os.path as osp
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from common import mmsn_backend, report  # noqa: E402
+
+
+def layers(channels: int):
+    import mmsn
+    return [('BN', '', lambda: nn.BatchNorm2d(channels)),
+            ('GN', '', lambda: nn.GroupNorm(min(32, channels), channels)),
+            ('SN (kernels)', 'triton', lambda: mmsn.SwitchNorm2d(channels)),
+            ('SN (reference)', 'torch', lambda: mmsn.SwitchNorm2d(channels)),
+            ('SW-16 (kernels)', 'triton', lambda: mmsn.SwitchWhiten2d(channels,
+                                                                       num_pergroup=16))]
+
+
+def host_ms(layer, x, dy, steps: int, launch: bool):
+    """(host ms per step, device ms per step or None)."""
+    from mmsn.ops.library import observe_launches
+    planning = contextlib.nullcontext() if launch else observe_launches(lambda *a: False)
+    cuda = x.is_cuda
+    with planning:
+        for _ in range(5):
+            layer(x).backward(dy)
+        if cuda:
+            torch.cuda.synchronize()
+            start_event = torch.cuda.Event(enable_timing=True)
+            end_event = torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            layer(x).backward(dy)
+            times.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            end_event.record()
+            torch.cuda.synchronize()
+            return statistics.median(times), start_event.elapsed_time(end_event) / steps
+    return statistics.median(times), None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--shape', type=int, nargs=4, default=[2, 64, 2, 2])
+    parser.add_argument('--steps', type=int, default=200)
+    parser.add_argument('--csv', default='work_dirs/bench/host_overhead.csv')
+    args = parser.parse_args(argv)
+    from mmsn.ops.counting import DeviceWork
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    x = torch.randn(args.shape, device=device, requires_grad=True)
+    dy = torch.randn(args.shape, device=device)
+    rows = []
+    for name, backend, build in layers(args.shape[1]):
+        interpret = backend == 'triton' and device == 'cpu'
+        with mmsn_backend(backend), _env('TRITON_INTERPRET', '1' if interpret else None):
+            layer = build().to(device)
+            x.grad = None  # counted as in a step whose gradients start as None
+            with DeviceWork(run_launches=device == 'cuda') as forward:
+                y = layer(x)
+            with DeviceWork(run_launches=device == 'cuda') as backward:
+                y.backward(dy)
+            host, gpu = host_ms(layer, x, dy, args.steps, launch=device == 'cuda')
+        rows.append(dict(layer=name, forward_work=forward.total, backward_work=backward.total,
+                         host_ms=host, gpu_ms=gpu if gpu is not None else '-'))
+    base = rows[0]['host_ms']
+    for row in rows:
+        row['host_vs_bn'] = row['host_ms'] / base
+    report(rows, args.csv, f'host time of one layer forward+backward, shape {tuple(args.shape)}'
+           f', float32, median of {args.steps} steps'
+           + ('' if device == 'cuda' else '; CPU: Triton launches counted, not run'))
+    return 0
+
+
+@contextlib.contextmanager
+def _env(name: str, value):
+    saved = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
+
+
+if __name__ == '__main__':
+    sys.exit(main())
