@@ -174,15 +174,16 @@ def test_sw_kernels_match_reference(sw_type, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize('case', ['1x1-N1', 'channels_last', 'tie_weight', 'sync-fallback',
-                                  'group32', 'large-mean', 'split-L'])
+                                  'group32', 'group64', 'large-mean', 'split-L'])
 def test_sw_kernels_odd_cases(case, monkeypatch):
     kwargs = dict(tie_weight=True) if case == 'tie_weight' else {}
     cls = SyncSwitchWhiten2d if case == 'sync-fallback' else SwitchWhiten2d
-    layer = random_whitening(64 if case == 'group32' else 32, cls=cls, **kwargs)
-    if case == 'group32':
-        layer = SwitchWhiten2d(64, num_pergroup=32)
+    layer = random_whitening(32, cls=cls, **kwargs)
+    if case in ('group32', 'group64'):  # their tiles are 16-64 positions: 54 take several
+        layer = SwitchWhiten2d(128, num_pergroup=int(case[5:]))
     shape = {'1x1-N1': (1, 32, 1, 1), 'split-L': (1, 32, 12, 12)}.get(
-        case, (2, layer.num_features, 4, 6))
+        case, (2, layer.num_features, 6, 9) if case.startswith('group') else
+        (2, layer.num_features, 4, 6))
     if case == 'split-L':  # 2 (sample, group) programs, 144 positions: 2 splits of 128
         from mmsn.ops.library import split_reduction
         assert split_reduction(2, 144, 128, torch.device('cpu')) == (2, 128)
@@ -218,6 +219,35 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.setenv('MMSN_BACKEND', 'cuda')
     with pytest.raises(ValueError, match="MMSN_BACKEND: expected one of"):
         backend_for(x)
+
+
+@pytest.mark.parametrize('capability,expected', [((7, 5), 'torch'), ((8, 0), 'triton'),
+                                                 ((9, 0), 'triton')])
+def test_gpus_below_the_tested_capability_warn_once_and_use_the_reference(
+        monkeypatch, capability, expected):
+    """A faked CUDA device: below compute capability 8.0 (what the kernels are compiled and
+    checked for) the layers warn once per device and take the reference."""
+    import types
+    import warnings
+
+    import mmsn.ops as ops
+    monkeypatch.delenv('MMSN_BACKEND', raising=False)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Faked GPU')
+    ops.gpu_supported.cache_clear()
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            assert backend_for(fake) == expected
+            assert backend_for(fake) == expected
+        messages = [str(w.message) for w in caught if 'compute capability' in str(w.message)]
+        if expected == 'torch':
+            assert len(messages) == 1 and 'Faked GPU has compute capability 7.5' in messages[0]
+        else:
+            assert messages == []
+    finally:
+        ops.gpu_supported.cache_clear()
 
 
 def test_autocast_policy(monkeypatch):

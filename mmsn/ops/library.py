@@ -183,9 +183,26 @@ def _has_work(*sizes: int) -> bool:
     return math.prod(sizes) > 0
 
 
-def _sw_args(per_group: int, dtype: torch.dtype, length: int) -> dict:
-    return dict(C_PER=per_group, BLOCK=block_size(length, 128), ACC=accumulator(dtype),
-                PRECISION='ieee')
+#: (positions per tile, warps) of each SW pass by channels per group. The IEEE-float32
+#: ``tl.dot`` runs on CUDA cores and keeps its operand tiles and the c x c matrices in
+#: registers, so the tile shrinks as c grows: these fit 128 registers per thread without
+#: spills on sm_80 and sm_90 in every dtype and layout (``python -m mmsn.ops.aot``; with
+#: 128-position tiles at 4 warps, 32 and 64 per group spilled up to 18 kB per thread).
+_SW_PLANS = {
+    'moments': {16: (128, 4), 32: (32, 4), 64: (32, 8)},
+    'whiten': {16: (128, 4), 32: (64, 4), 64: (32, 8)},
+    'grad_sums': {16: (32, 4), 32: (32, 8), 64: (16, 8)},
+    'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
+}
+#: Warps of the one-program Newton kernel by channels per group. At 64 its five 64 x 64
+#: iterates spill kilobytes at any warp count, so ``sw_newton`` uses batched matmuls there.
+_NEWTON_WARPS = {16: 4, 32: 8}
+
+
+def _sw_args(per_group: int, dtype: torch.dtype, length: int, kind: str) -> dict:
+    positions, warps = _SW_PLANS[kind][per_group]
+    return dict(C_PER=per_group, BLOCK=block_size(length, positions), ACC=accumulator(dtype),
+                PRECISION='ieee', num_warps=warps)
 
 
 def _groups_view(t: Tensor, group_size: int) -> Tensor:
@@ -342,7 +359,7 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     if not _has_work(n, groups, length):
         return (x.new_zeros((n, groups, c), dtype=dtype),
                 x.new_zeros((n, groups, c, c), dtype=dtype))
-    args = _sw_args(c, dtype, length)
+    args = _sw_args(c, dtype, length, 'moments')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     pivot = x.new_empty((n, groups, c), dtype=dtype)
     totals = x.new_empty((splits, n, groups, c), dtype=dtype)
@@ -372,7 +389,7 @@ def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
     n, groups, c, length = x4.shape
     if _has_work(n, groups, length):
         y4 = as_groups(y, group_size)
-        args = _sw_args(c, matrix.dtype, length)
+        args = _sw_args(c, matrix.dtype, length, 'whiten')
         launch(
             _whiten_kernel, (n * groups, cdiv(length, args['BLOCK'])),
             x4, y4, matrix.contiguous(), centre.contiguous(), shift.contiguous(), groups,
@@ -394,7 +411,7 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     if not _has_work(n, groups, length):
         return (x.new_zeros((n, groups, c, c), dtype=centre.dtype),
                 x.new_zeros((n, groups, c), dtype=centre.dtype))
-    args = _sw_args(c, centre.dtype, length)
+    args = _sw_args(c, centre.dtype, length, 'grad_sums')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
     sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
@@ -420,7 +437,7 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix_t: Tensor, moment: Tensor, mean:
     n, groups, c, length = x4.shape
     if _has_work(n, groups, length):
         dx4 = as_groups(dx, group_size)
-        args = _sw_args(c, matrix_t.dtype, length)
+        args = _sw_args(c, matrix_t.dtype, length, 'grad_input')
         launch(
             _whiten_grad_input_kernel, (n * groups, cdiv(length, args['BLOCK'])),
             x4, dy4, dx4, matrix_t.contiguous(), moment.contiguous(), mean.contiguous(),
@@ -475,15 +492,19 @@ def _sw_whiten_backward(ctx, dy):
 
 def sw_newton(cov: Tensor, iterations: int) -> Tensor:
     """``cov^{-1/2}`` of each float32 ``(..., c, c)`` matrix by Newton's iteration (SW Eqn. 7),
-    one program per matrix; equal to :func:`~mmsn.ops.reference.inverse_sqrt_newton`."""
+    one program per matrix (batched matmuls at 64 channels per group, see ``_NEWTON_WARPS``);
+    equal to :func:`~mmsn.ops.reference.inverse_sqrt_newton`."""
     from ..kernels.switch_whiten import _newton_inverse_sqrt_kernel
     c = cov.shape[-1]
     cov = cov.contiguous()
     out = torch.empty_like(cov)
     count = cov.numel() // (c * c) if c else 0
+    if count and c not in _NEWTON_WARPS:
+        from .reference import inverse_sqrt_newton
+        return inverse_sqrt_newton(cov, iterations)
     if count:
         launch(_newton_inverse_sqrt_kernel, (count,), cov, out, C_PER=c, ITERATIONS=iterations,
-                                              PRECISION='ieee')
+               PRECISION='ieee', num_warps=_NEWTON_WARPS[c])
     return out
 
 
