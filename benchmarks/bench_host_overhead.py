@@ -8,6 +8,7 @@ pay. On a GPU every launch runs; host time is the wall time per step without a s
 (N steps, then one), device time from CUDA events.
 
     python benchmarks/bench_host_overhead.py [--shape 2 64 2 2] [--steps 200] [--csv PATH]
+        [--smoke]
 """
 import argparse
 import contextlib
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import mmsn_backend, report  # noqa: E402
+from common import add_smoke_option, mmsn_backend, report  # noqa: E402
 
 
 def layers(channels: int):
@@ -40,7 +41,7 @@ def host_ms(layer, x, dy, steps: int, launch: bool):
     planning = contextlib.nullcontext() if launch else observe_launches(lambda *a: False)
     cuda = x.is_cuda
     with planning:
-        for _ in range(5):
+        for _ in range(min(5, steps)):
             layer(x).backward(dy)
         if cuda:
             torch.cuda.synchronize()
@@ -63,8 +64,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--shape', type=int, nargs=4, default=[2, 64, 2, 2])
     parser.add_argument('--steps', type=int, default=200)
-    parser.add_argument('--csv', default='work_dirs/bench/host_overhead.csv')
+    parser.add_argument('--csv', default='benchmarks/results/host_overhead.csv')
+    add_smoke_option(parser)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps = 2
     from mmsn.ops.counting import DeviceWork
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     x = torch.randn(args.shape, device=device, requires_grad=True)

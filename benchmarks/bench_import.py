@@ -3,7 +3,7 @@ mmengine's registry, that + the mmengine modules every training imports (hooks, 
 optim), and mmsn; medians of several runs, measured in the same run, with the ratio over
 torch + mmengine's registry. Also checks that mmdet and mmseg stay unimported.
 
-    python benchmarks/bench_import.py [--repeats 5] [--csv PATH]
+    python benchmarks/bench_import.py [--repeats 5] [--csv PATH] [--smoke]
 """
 import argparse
 import os.path as osp
@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import report  # noqa: E402
+from common import add_smoke_option, report  # noqa: E402
 
 CASES = [
     ('torch', 'import torch'),
@@ -34,15 +34,21 @@ def seconds(code: str) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--csv', default='work_dirs/bench/import.csv')
+    parser.add_argument('--csv', default='benchmarks/results/import.csv')
+    add_smoke_option(parser)
     args = parser.parse_args(argv)
+    cases = CASES
+    if args.smoke:
+        args.repeats = 1
+        cases = [case for case in CASES if case[0] in ('torch + mmengine registry', 'mmsn')]
     leaked = subprocess.run(
         [sys.executable, '-c', 'import sys, mmsn; print([m for m in ("mmdet", "mmseg") '
                                'if m in sys.modules])'],
         check=True, capture_output=True, text=True).stdout.strip()
     medians = {}
-    for name, code in CASES:
-        seconds(code)  # warm the file cache
+    for name, code in cases:
+        if not args.smoke:
+            seconds(code)  # warm the file cache
         medians[name] = statistics.median(seconds(code) for _ in range(args.repeats))
     base = medians['torch + mmengine registry']
     rows = [dict(imports=name, seconds=value, over_registry=value - base)

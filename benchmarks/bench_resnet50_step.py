@@ -2,7 +2,7 @@
 release's 7 SW layers: time per step and peak memory, as ratios to BN in the same run.
 
     python benchmarks/bench_resnet50_step.py [--batch 32] [--size 224] [--compile]
-        [--kinds bn gn sn sw7 sn@torch ...] [--csv PATH]
+        [--kinds bn gn sn sw7 sn@torch ...] [--csv PATH] [--smoke]
 
 bf16 autocast and channels_last on a GPU; float32 on the CPU. Needs only torch (+ triton):
 the ResNet-50 (v1, torchvision layout) is built here. A kind may end in ``@torch`` or
@@ -19,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import measure, mmsn_backend, report  # noqa: E402
+from common import add_smoke_option, measure, mmsn_backend, report  # noqa: E402
 
 STAGES = (3, 4, 6, 3)
 # the SW release's placement: the stem and norm2 of odd-indexed blocks of stages 1-3
@@ -33,7 +33,7 @@ def norm_factory(kind: str):
         if kind == 'bn' or (kind == 'sw7' and where not in SW7):
             return nn.BatchNorm2d(channels)
         if kind == 'gn':
-            return nn.GroupNorm(32, channels)
+            return nn.GroupNorm(min(32, channels), channels)
         if kind == 'sn':
             return mmsn.SwitchNorm2d(channels)
         return mmsn.SwitchWhiten2d(channels, num_pergroup=16, sw_type=2, T=5)
@@ -62,17 +62,18 @@ class Bottleneck(nn.Module):
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-def resnet50(kind: str) -> nn.Module:
+def resnet50(kind: str, width: int = 64) -> nn.Module:
+    """ResNet-50 v1; ``width`` < 64 makes every layer narrower (the smoke run)."""
     norm = norm_factory(kind)
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm('stem', 64), nn.ReLU(inplace=True),
-              nn.MaxPool2d(3, 2, 1)]
-    inplanes = 64
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), norm('stem', width),
+              nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    inplanes = width
     for s, blocks in enumerate(STAGES):
         for b in range(blocks):
-            planes = 64 * 2 ** s
+            planes = width * 2 ** s
             layers.append(Bottleneck(inplanes, planes, 2 if (b == 0 and s) else 1, norm, (s, b)))
             inplanes = planes * 4
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, 1000)]
     return nn.Sequential(*layers)
 
 
@@ -84,7 +85,12 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--compile', action='store_true', help='torch.compile each model')
     parser.add_argument('--csv', default='benchmarks/results/resnet50_step.csv')
+    add_smoke_option(parser)
     args = parser.parse_args(argv)
+    if args.smoke:  # one step at 32x32, a quarter of the width, of the baselines and of the
+        # kernel path (what a GPU runs for 'sn' and 'sw7'; tests/test_compile covers compile)
+        args.batch, args.size, args.repeats = 2, 32, 1
+        args.kinds = ['bn', 'gn', 'sn@triton', 'sw7@triton']
     cuda = torch.cuda.is_available()
     device = 'cuda' if cuda else 'cpu'
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
@@ -94,7 +100,7 @@ def main(argv=None):
     rows = []
     for kind in args.kinds:
         norm, _, backend = kind.partition('@')
-        model = resnet50(norm).to(device)
+        model = resnet50(norm, width=16 if args.smoke else 64).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -110,7 +116,7 @@ def main(argv=None):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with mmsn_backend(backend):
-            ms = measure(step, warmup=3, repeats=args.repeats)
+            ms = measure(step, warmup=0 if args.smoke else 3, repeats=args.repeats)
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
         rows.append(dict(model=f'ResNet-50 {kind}', batch=args.batch, size=args.size,
                          compiled=args.compile,

@@ -2,7 +2,7 @@
 cuDNN BatchNorm2d and GroupNorm(32), over the ResNet-50 norm shapes, measured in one run.
 
     python benchmarks/bench_switch_norm.py [--batches 2 8 32] [--dtypes float32 bfloat16]
-        [--layouts nchw channels_last] [--csv PATH] [--quick]
+        [--layouts nchw channels_last] [--csv PATH] [--smoke]
 
 Reports ms, effective bandwidth (the minimal bytes: forward reads x and writes y, backward
 reads x and dy and writes dx) and its fraction of the measured copy bandwidth, peak memory,
@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import measure, mmsn_backend, report  # noqa: E402
+from common import add_smoke_option, measure, mmsn_backend, report  # noqa: E402
 
 # (channels, height, width) of the norm layers of ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -26,9 +26,13 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (
                    (512, 7, 7), (2048, 7, 7)]
 
 
-def copy_bandwidth(device) -> float:
+#: the tiny shape of the smoke run (channels a multiple of SW's 16 per group)
+SMOKE_SHAPES = [(32, 5, 7)]
+
+
+def copy_bandwidth(device, mebibytes: int = 256) -> float:
     """GB/s of a large device copy (read + write)."""
-    x = torch.empty(256 * 2 ** 20 // 4, device=device)
+    x = torch.empty(mebibytes * 2 ** 20 // 4, device=device)
     y = torch.empty_like(x)
     ms = measure(lambda: y.copy_(x), repeats=10)
     return 2 * x.numel() * 4 / ms / 1e6
@@ -49,7 +53,7 @@ def layers(channels, device, dtype, backends):
     return made
 
 
-def time_layer(layer, backend, x, what):
+def time_layer(layer, backend, x, what, repeats=5):
     """Median ms and peak MiB of ``what`` ('forward', 'backward', 'both') of ``layer`` on
     ``x``, with ``MMSN_BACKEND=backend`` (None: the layer is not mmsn's)."""
     with mmsn_backend(backend):
@@ -69,7 +73,7 @@ def time_layer(layer, backend, x, what):
             fn = lambda: torch.autograd.grad(forward(), xg, grad)  # noqa: E731
         if x.is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        ms = measure(fn)
+        ms = measure(fn, warmup=min(2, repeats), repeats=repeats)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if x.is_cuda else float('nan')
     return ms, peak
 
@@ -80,7 +84,7 @@ def parse_args(description, argv=None, default_csv='benchmarks/results/switch_no
     parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'])
     parser.add_argument('--csv', default=default_csv)
-    parser.add_argument('--quick', action='store_true', help='3 shapes, N=2, for a smoke run')
+    add_smoke_option(parser)
     return parser.parse_args(argv)
 
 
@@ -88,11 +92,12 @@ def sweep(args, make_layers, backends, title):
     """Times every layer of ``make_layers(channels, device, dtype, backends)`` over the
     shapes, batches, dtypes and layouts of ``args``; prints and writes the table."""
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda':
-        backends = ['mmsn-triton'] + backends  # (interpreted Triton on a CPU is no timing)
-    shapes = RESNET50_SHAPES[::4] if args.quick else RESNET50_SHAPES
-    batches = [2] if args.quick else args.batches
-    bandwidth = copy_bandwidth(device)
+    if device == 'cuda' or args.smoke:  # (interpreted Triton on a CPU is no timing)
+        backends = ['mmsn-triton'] + backends
+    shapes = SMOKE_SHAPES if args.smoke else RESNET50_SHAPES
+    batches = [2] if args.smoke else args.batches
+    repeats = 1 if args.smoke else 5
+    bandwidth = copy_bandwidth(device, 4 if args.smoke else 256)
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -106,7 +111,7 @@ def sweep(args, make_layers, backends, title):
                     made = make_layers(c, device, dtype, backends)
                     for name, (layer, backend) in made.items():
                         for what in ('forward', 'backward', 'forward+backward'):
-                            ms, peak = time_layer(layer, backend, x, what)
+                            ms, peak = time_layer(layer, backend, x, what, repeats)
                             passes = {'forward': 2, 'backward': 3, 'forward+backward': 5}[what]
                             gbps = passes * x.numel() * x.element_size() / ms / 1e6
                             if name == 'BatchNorm2d':

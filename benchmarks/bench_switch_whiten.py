@@ -2,7 +2,7 @@
 mmsn's Triton kernels and PyTorch reference, against cuDNN BatchNorm2d, measured in one run.
 
     python benchmarks/bench_switch_whiten.py [--batches 2 8 32] [--dtypes float32 bfloat16]
-        [--layouts nchw channels_last] [--csv PATH] [--quick]
+        [--layouts nchw channels_last] [--csv PATH] [--smoke]
 
 Same columns as bench_switch_norm.py. Needs only torch (+ triton).
 """

@@ -41,18 +41,32 @@ def mmsn_backend(backend: str):
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    """Median time of ``fn`` in milliseconds: on a GPU device time from CUDA events
+    (``triton.testing.do_bench``, ``repeats`` of them at least), on the CPU wall time."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        fn()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        single = do_bench(fn, warmup=1, rep=1, return_mode='median')
+        return do_bench(fn, warmup=max(25, warmup * single),
+                        rep=max(100, repeats * single), return_mode='median')
     for _ in range(warmup):
         fn()
-    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def add_smoke_option(parser) -> None:
+    """``--smoke``: tiny shapes, one repeat, and mmsn's kernels included even on the CPU
+    (run with ``TRITON_INTERPRET=1`` there): every pass and option of a GPU run, in
+    seconds, so that a GPU run can only fail for GPU reasons (tests/test_benchmarks.py)."""
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny shapes, one repeat, kernels included on the CPU too '
+                             '(with TRITON_INTERPRET=1): a check that the script runs')
 
 
 def report(rows: List[Dict[str, object]], csv_path: str, title: str) -> None:

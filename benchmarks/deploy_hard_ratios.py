@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import measure, report  # noqa: E402
+from common import add_smoke_option, measure, report  # noqa: E402
 
 
 def build(norm: str):
@@ -44,7 +44,10 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--csv', default='benchmarks/results/deploy_hard_ratios.csv')
+    add_smoke_option(parser)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.size, args.repeats = 1, 32, 1
     from mmcv.cnn import fuse_conv_bn
     from mmsn.deploy import deploy_hard_switchable, harden_ratios
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -68,7 +71,8 @@ def main(argv=None):
         model.to(device)
         model.eval()
         with torch.no_grad():
-            ms = measure(lambda: model(x), repeats=args.repeats)
+            ms = measure(lambda: model(x), warmup=0 if args.smoke else 2,
+                         repeats=args.repeats)
         soft_ms = ms if name == 'SN, soft ratios' else soft_ms
         rows.append(dict(model=name, batch=args.batch, size=args.size, dtype='float32',
                          ms=ms))
