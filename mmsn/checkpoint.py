@@ -99,6 +99,8 @@ def _history_buffer_class_state_kept():
     finally:
         HistoryBuffer._statistics_methods.clear()
         HistoryBuffer._statistics_methods.update(kept)
+        for name in _HISTORY_BUFFER_STATISTICS:  # empty until a first HistoryBuffer is made
+            HistoryBuffer._statistics_methods.setdefault(name, getattr(HistoryBuffer, name))
 
 
 def mmengine_checkpoint_globals() -> List[Union[object, Tuple[Callable, str]]]:

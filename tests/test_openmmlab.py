@@ -329,3 +329,40 @@ def test_swresnet_builds_from_the_root_registry_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ['mmdet.models.backbones.resnet',
                                   'mmseg.models.backbones.resnet']
+
+
+def test_loading_in_a_fresh_process_keeps_history_buffer_statistics(tmp_path):
+    """Until a first HistoryBuffer is made the class's statistics table is empty; loading a
+    checkpoint must leave the four defaults usable."""
+    import subprocess
+    import sys
+
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import save_checkpoint
+    save_checkpoint(dict(message_hub=dict(log_scalars=dict(
+        loss=HistoryBuffer([1.0, 3.0], [1, 1])))), str(tmp_path / 'a.pth'))
+    code = ('import mmsn\n'
+            'from mmsn.checkpoint import load_checkpoint_file\n'
+            f'hub = load_checkpoint_file({str(tmp_path / "a.pth")!r})["message_hub"]\n'
+            'print(hub["log_scalars"]["loss"].statistics("mean"))\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '2.0'
+
+
+def test_random_state_survives_a_map_location_and_restores(tmp_path):
+    """Checkpoints are loaded with map_location='cuda' on a GPU: the saved generator states
+    are numpy arrays, which it leaves alone."""
+    import random
+
+    import numpy as np
+
+    from mmsn.checkpoint import load_checkpoint_file
+    from mmsn.mm.hooks import random_state, set_random_state
+    torch.save(dict(state=random_state()), tmp_path / 'rng.pth')
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    saved = load_checkpoint_file(str(tmp_path / 'rng.pth'), map_location='meta')['state']
+    set_random_state(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]

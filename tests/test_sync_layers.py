@@ -195,3 +195,37 @@ def test_convert_keeps_parameter_objects_dtype_and_the_optimizer(dtype):
     assert [type(m) for m in reverted[1:]] == [SwitchNorm2d, SparseSwitchNorm2d, SwitchWhiten2d]
     for name, param in reverted.named_parameters():
         assert param is before[name], name
+
+
+def double_backward_rank(rank, world_size, port, out_dir, backend):
+    os.environ['MMSN_BACKEND'] = backend
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    outcome = {}
+    for name, layer in (('sn', SyncSwitchNorm(CHANNELS)),
+                        ('sw', SyncSwitchWhiten2d(CHANNELS, num_pergroup=16))):
+        x = make_data(2 * world_size)[0][rank::world_size].float().requires_grad_()
+        y = layer(x)
+        try:
+            dx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            dx.square().sum().backward()
+            outcome[name] = 'no error'
+        except RuntimeError as error:
+            outcome[name] = str(error)
+    torch.save(outcome, os.path.join(out_dir, f'double{rank}.pt'))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
+def test_double_backward_of_synchronized_layers_is_a_clear_error(backend, tmp_path):
+    """Second derivatives through the collective would miss the other ranks' terms: refused
+    with an error, never a silently wrong gradient."""
+    if backend == 'triton':
+        pytest.importorskip('triton')
+    mp.spawn(double_backward_rank, args=(2, free_port(), str(tmp_path), backend), nprocs=2)
+    for rank in range(2):
+        outcome = torch.load(tmp_path / f'double{rank}.pt', weights_only=True)
+        for name in ('sn', 'sw'):
+            assert 'double backward (create_graph=True) through the synchronized' in \
+                outcome[name], (rank, name, outcome[name])

@@ -5,7 +5,7 @@ Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
 
 * registers the layers in mmengine's root ``MODELS`` registry, which mmcv's
   ``build_norm_layer`` and every mmdet/mmseg scope reach: 'SN' (= 'SN2d'), 'SN1d', 'SN3d',
-  'SyncSN', 'SW', 'SyncSW';
+  'SyncSN', 'SSN', 'SyncSSN', 'SW', 'SyncSW';
 * wraps the build function of the ``MODELS`` registries so that a built model's
   ``norm_eval=True`` freezes SN/SW layers as it freezes BN (mmdet/mmseg backbones and any
   other class whose ``train()`` reads ``norm_eval`` only looks for ``_BatchNorm``), and so
@@ -17,8 +17,9 @@ Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
   its own checkpoints hold (:mod:`mmsn.checkpoint`), so resuming works under torch >= 2.6
   and anything else is refused unless trusted by path;
 * registers the ``StrictPretrained`` initializer (converted backbones, loaded strictly);
-* registers the hooks ``SwitchableRatioHook`` (ratios to the visualizer and the checkpoint)
-  and ``BatchAverageHook`` (batch-average inference statistics).
+* registers the hooks ``SwitchableRatioHook`` (ratios to the visualizer and the checkpoint),
+  ``BatchAverageHook`` (batch-average inference statistics), ``SSNRadiusHook`` (the SSN
+  radius schedule) and ``RandomStateHook`` (exact resume).
 
 The runner's ``sync_bn`` conversion and mmcv's ``fuse_conv_bn`` only touch ``_BatchNorm``;
 SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them intact. Use

@@ -51,8 +51,10 @@ class BatchAverageHook(Hook):
 
     def average(self, runner) -> None:
         model = runner.model
+        saved = random_state()  # the training's draws go on as if no batch had been read
         used = batch_average_statistics(model, runner.train_dataloader, model.val_step,
                                         self.num_batches)
+        set_random_state(saved)
         runner.logger.info(f'BatchAverageHook: running statistics of the SN/SW layers are '
                            f'the average over {used} training batches per process')
 
@@ -101,13 +103,14 @@ class SSNRadiusHook(Hook):
 
 def random_state() -> dict:
     """The generators a training draws from in this process: torch's CPU generator, the
-    current CUDA device's, numpy's global one and Python's."""
+    current CUDA device's, numpy's global one and Python's. torch's states are kept as
+    numpy arrays, which a checkpoint's ``map_location`` (the GPU on resume) leaves alone."""
     import random
 
     import numpy as np
     import torch
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    return dict(torch=torch.get_rng_state().numpy(),
+                cuda=torch.cuda.get_rng_state().numpy() if torch.cuda.is_available() else None,
                 numpy=np.random.get_state(), random=random.getstate())
 
 
@@ -117,9 +120,14 @@ def set_random_state(state: dict) -> None:
 
     import numpy as np
     import torch
-    torch.set_rng_state(state['torch'])
+
+    def byte_tensor(saved):  # (tensors in checkpoints written before the numpy form)
+        return torch.as_tensor(np.asarray(saved.cpu() if torch.is_tensor(saved) else saved),
+                               dtype=torch.uint8)
+
+    torch.set_rng_state(byte_tensor(state['torch']))
     if state['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
+        torch.cuda.set_rng_state(byte_tensor(state['cuda']))
     np.random.set_state(state['numpy'])
     random.setstate(state['random'])
 
@@ -221,12 +229,33 @@ class RandomStateHook(Hook):
         checkpoint['mmsn_random_state'] = dict(iter=done, states=states)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if not getattr(runner, '_resume', False):
+            return  # load_from (finetuning, testing): the run's own seed decides
+        self._warn_if_not_reproducible(runner)
         saved = checkpoint.get('mmsn_random_state')
         if saved is None:
             runner.logger.warning('RandomStateHook: the checkpoint holds no random state; the '
                                   'resumed run draws other random numbers')
             return
         self._to_restore = saved
+
+    @staticmethod
+    def _warn_if_not_reproducible(runner) -> None:
+        """What the hook cannot give back: the data order needs a seed fixed in the config
+        (mmengine builds the sampler before it reseeds from the checkpoint), and persistent
+        workers of an epoch loop carry their random state across epochs."""
+        from mmengine.runner import EpochBasedTrainLoop
+        if (runner.cfg.get('randomness') or {}).get('seed') is None:
+            runner.logger.warning(
+                'RandomStateHook: the config fixes no randomness.seed, so the resumed run '
+                'builds its data sampler with another seed and reads other batches')
+        loader = getattr(runner.train_loop, 'dataloader', None)
+        if (isinstance(runner.train_loop, EpochBasedTrainLoop) and loader is not None
+                and getattr(loader, 'persistent_workers', False)):
+            runner.logger.warning(
+                'RandomStateHook: persistent dataloader workers keep their random state '
+                'across epochs; a resumed epoch loop starts fresh ones, so augmentations '
+                'differ (set persistent_workers=False for an exact resume)')
 
     def _restorable(self, runner) -> Optional[dict]:
         from mmengine.dist import get_rank, get_world_size

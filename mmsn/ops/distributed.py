@@ -55,6 +55,14 @@ class _AllGatherParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_parts: Tensor):
+        if torch.is_grad_enabled():
+            # create_graph=True: the all-reduce below is invisible to autograd, so a second
+            # derivative would miss every other rank's terms
+            raise RuntimeError(
+                'SyncSN/SyncSW: double backward (create_graph=True) through the synchronized '
+                'batch statistics is not supported; it would silently drop the other '
+                "processes' second-order terms. Use SN/SW (convert with mmsn.revert_sync_sn) "
+                'for gradient penalties')
         grad_parts = grad_parts.contiguous()
         dist.all_reduce(grad_parts, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad_parts[ctx.rank], None, None

@@ -128,7 +128,8 @@ class _SNPlan:
 
     def __init__(self, x3: Tensor):
         n, c, length = x3.shape
-        if x3.stride(1) == 1 and length > 1:
+        self.channels_last = x3.stride(1) == 1 and length > 1
+        if self.channels_last:
             self.block_c = min(_pow2(c), self.MAX_CHANNELS)
             self.block_l = min(_pow2(length), max(1, self.TILE // self.block_c))
         else:
@@ -140,10 +141,14 @@ class _SNPlan:
         self.reduce_grid = (programs, self.splits)
         self.pointwise_grid = (programs, blocks)
 
-    def meta(self, dtype: torch.dtype) -> dict:
+    def meta(self, dtype: torch.dtype, pointwise: bool = False) -> dict:
         # 8 elements of a tile per thread: at 16 (a 2048 tile on 4 warps) the reductions
-        # needed 148-168 registers (tests/test_kernel_resources.py)
-        warps = max(1, min(8, self.block_c * self.block_l // 256))
+        # needed 148-168 registers (tests/test_kernel_resources.py). The pointwise passes
+        # over several channels of a small NCHW map take 4: at 8, sm_80's fp16 dx pass kept
+        # an 8-byte stack frame (and 150 registers at 16).
+        several_channels = self.block_c > 1 and not self.channels_last
+        per_thread = 128 if (pointwise and several_channels) else 256
+        warps = max(1, min(16, self.block_c * self.block_l // per_thread))
         return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype),
                     num_warps=warps)
 
@@ -189,7 +194,7 @@ def _has_work(*sizes: int) -> bool:
 #: spills on sm_80 and sm_90 in every dtype and layout (``python -m mmsn.ops.aot``; with
 #: 128-position tiles at 4 warps, 32 and 64 per group spilled up to 18 kB per thread).
 _SW_PLANS = {
-    'moments': {16: (128, 4), 32: (32, 4), 64: (32, 8)},
+    'moments': {16: (128, 4), 32: (32, 4), 64: (32, 16)},
     'whiten': {16: (128, 4), 32: (64, 4), 64: (32, 8)},
     'grad_sums': {16: (32, 4), 32: (32, 8), 64: (16, 8)},
     'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
@@ -211,14 +216,24 @@ def _groups_view(t: Tensor, group_size: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------- SN
 
-def _mixing_plan(n: int, c: int) -> dict:
+#: Warps of the mixing backward where the rule below left ptxas an 8-byte stack frame on
+#: sm_80 (4 and 8 warps did; 16 does not), by (BLOCK_N, BLOCK_C).
+_MIX_BACKWARD_WARPS = {(8, 64): 16}
+
+
+def _mixing_plan(n: int, c: int, backward: bool = False) -> dict:
     """Tile and warps of the one-program mixing kernels: about 1024 numbers a tile, few
-    enough that the backward's dozen live tiles stay in registers (checked ahead of time
-    by tests/test_kernel_resources.py)."""
+    enough that the backward's dozen live tiles stay in registers. Warps: 2 numbers per
+    thread forward (at 4 and 8 the running-update variant kept a 8-16 byte stack frame on
+    sm_80), 8 backward; all checked ahead of time by tests/test_kernel_resources.py."""
     block_n = min(_pow2(max(n, 1)), 16)
     block_c = min(_pow2(c), max(16, 1024 // block_n))
-    return dict(BLOCK_N=block_n, BLOCK_C=block_c,
-                num_warps=max(1, min(8, block_n * block_c // 128)))
+    if backward:
+        warps = _MIX_BACKWARD_WARPS.get((block_n, block_c),
+                                        max(1, min(8, block_n * block_c // 128)))
+    else:
+        warps = max(1, min(16, block_n * block_c // 64))
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
 def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
@@ -286,7 +301,7 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
     y = as_ncl(y_out)
     if _has_work(n, c, length):
         launch(_affine_kernel, plan.pointwise_grid, x, y, scale, shift, c, length, *x.stride(),
-               *y.stride(), **plan.meta(dtype))
+               *y.stride(), **plan.meta(dtype, pointwise=True))
     return y_out, mean_in, var_in, stats, scale
 
 
@@ -330,7 +345,7 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
             stats if d_weight is None else d_weight, stats if d_bias is None else d_bias,
             a, b, n, c, length, splits, eps)
     options = dict(K=k, LOGITS=logits, AFFINE=affine, BATCH=use_batch_stats,
-                   **_mixing_plan(n, c), **meta)
+                   **_mixing_plan(n, c, backward=True), **meta)
     if sync and use_batch_stats and k == 3 and sync_world_size(process_group) > 1:
         launch(_mix_backward_kernel, (1,), *args, STAGE=1, **options)
         torch.distributed.all_reduce(grad_stats[2 * n:], group=process_group)
@@ -343,7 +358,8 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
         if _has_work(n, c, length):
             dx3 = as_ncl(dx)
             launch(_grad_input_kernel, plan.pointwise_grid, x, dy, dx3, scale, a, b, mean_in,
-                   c, length, *x.stride(), *dy.stride(), *dx3.stride(), **plan.meta(dtype))
+                   c, length, *x.stride(), *dy.stride(), *dx3.stride(),
+                   **plan.meta(dtype, pointwise=True))
     return dx, d_mean_weight, d_var_weight, d_weight, d_bias
 
 
