@@ -70,3 +70,32 @@ def test_activation_checkpointing(kind, reentrant, monkeypatch):
                             + [b for b in layer.buffers() if b.is_floating_point()])
     for got, want in zip(results['triton'], results['torch']):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('kind', ['sn', 'sw'])
+def test_gradgradcheck_on_the_kernel_path(kind, monkeypatch):
+    """Second derivatives of the kernel path (whose backward, under create_graph, takes the
+    reference) against finite differences of its first derivatives, float64 (weight and
+    bias fixed: they enter linearly)."""
+    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    torch.manual_seed(0)
+    if kind == 'sn':
+        layer = SwitchNorm2d(3).double()
+        x = torch.randn(2, 3, 2, 2, dtype=torch.float64) + 0.5
+    else:
+        layer = SwitchWhiten2d(16, num_pergroup=16, sw_type=2, T=3).double()
+        x = torch.randn(2, 16, 1, 3, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    params = [p for p in layer.parameters()]
+
+    def run(x, *values):
+        state = dict(zip((name for name, _ in layer.named_parameters()), values))
+        return torch.func.functional_call(layer, state, (x,))
+
+    # x and the ratio logits (where the second-order terms live) vary; weight and bias,
+    # entering linearly, stay fixed to keep the finite differences few
+    inputs = (x.requires_grad_(),) + tuple(
+        p.detach().requires_grad_(p.dim() == 1 and p.numel() <= 5) for p in params)
+    assert torch.autograd.gradgradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
