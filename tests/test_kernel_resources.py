@@ -46,11 +46,12 @@ def test_sn_kernels_compile_within_budget(tmp_path):
 
 def test_sw_kernels_compile_within_budget(tmp_path):
     """SW at 16, 32 and 64 channels per group (Newton's one-program kernel at 16 and 32;
-    64 takes batched matmuls), float32 and bfloat16 (fp16 shares bf16's registers), both
-    layouts, two ResNet-50 shapes: no spill, no stack, within budget on sm_80 and sm_90."""
+    64 takes batched matmuls), three dtypes, both layouts, maps of 56x56 and 14x14 (the SW
+    placements whiten stages 1-3 only; every shape is in the full sweep of
+    ``python -m mmsn.ops.aot``): no spill, no stack, within budget on sm_80 and sm_90."""
     from mmsn.ops.aot import problems
     rows = run_check(tmp_path, ['sw16', 'sw32', 'sw64'], ['80', '90'],
-                     subset=['--batches', '8', '--dtypes', 'float32', 'bfloat16',
+                     subset=['--batches', '8', '--dtypes', 'float32', 'bfloat16', 'float16',
                              '--layouts', 'nchw', 'channels_last',
                              '--shapes', '256x56x56', '1024x14x14'])
     assert {row['kernel'] for row in rows} == {
