@@ -163,6 +163,21 @@ def _mix_forward_kernel(
 
 
 @triton.jit
+def _pool_tile(mean_in_ptr, var_in_ptr, at, mask, tile_count, count, mean, m2, var_sum,
+               AXIS: tl.constexpr):
+    """One step of pooling instance moments of equal-size instances over ``AXIS`` of an
+    (n, c) tile (1: LN over channels, 0: BN over samples): adds the tile's instance
+    variances to ``var_sum`` and Chan-merges its instance means into (count, mean, m2)."""
+    means = tl.load(mean_in_ptr + at, mask=mask, other=0.0)
+    var_sum += tl.sum(tl.load(var_in_ptr + at, mask=mask, other=0.0), axis=AXIS)
+    tile_mean = tl.sum(means, axis=AXIS) / tile_count
+    deviation = tl.where(mask, means - tl.expand_dims(tile_mean, AXIS), 0.0)
+    count, mean, m2 = _merge(count, mean, m2, tile_count, tile_mean,
+                             tl.sum(deviation * deviation, axis=AXIS))
+    return count, mean, m2, var_sum
+
+
+@triton.jit
 def _layer_moments(mean_in_ptr, var_in_ptr, stats_ptr, N, C, BLOCK_N: tl.constexpr,
                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """LN moments of each sample from its C instances (equal sizes): Chan over the columns."""
@@ -173,13 +188,9 @@ def _layer_moments(mean_in_ptr, var_in_ptr, stats_ptr, N, C, BLOCK_N: tl.constex
         var_sum = tl.zeros((BLOCK_N,), dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
             ns, cs, at, mask = _nc_tile(n0, c0, N, C, BLOCK_N, BLOCK_C)
-            means = tl.load(mean_in_ptr + at, mask=mask, other=0.0)
-            var_sum += tl.sum(tl.load(var_in_ptr + at, mask=mask, other=0.0), axis=1)
-            tile_count = tl.minimum(C - c0, BLOCK_C).to(ACC)
-            tile_mean = tl.sum(means, axis=1) / tile_count
-            deviation = tl.where(mask, means - tile_mean[:, None], 0.0)
-            count, mean, m2 = _merge(count, mean, m2, tile_count, tile_mean,
-                                     tl.sum(deviation * deviation, axis=1))
+            count, mean, m2, var_sum = _pool_tile(
+                mean_in_ptr, var_in_ptr, at, mask, tl.minimum(C - c0, BLOCK_C).to(ACC),
+                count, mean, m2, var_sum, 1)
         ns = n0 + tl.arange(0, BLOCK_N)
         tl.store(stats_ptr + ns, mean, mask=ns < N)
         tl.store(stats_ptr + N + ns, (var_sum + m2) / C, mask=ns < N)
@@ -196,13 +207,9 @@ def _local_batch_moments(mean_in_ptr, var_in_ptr, c0, N, C, BLOCK_N: tl.constexp
     var_sum = tl.zeros((BLOCK_C,), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         ns, cs, at, mask = _nc_tile(n0, c0, N, C, BLOCK_N, BLOCK_C)
-        means = tl.load(mean_in_ptr + at, mask=mask, other=0.0)
-        var_sum += tl.sum(tl.load(var_in_ptr + at, mask=mask, other=0.0), axis=0)
-        tile_count = tl.minimum(N - n0, BLOCK_N).to(ACC)
-        tile_mean = tl.sum(means, axis=0) / tile_count
-        deviation = tl.where(mask, means - tile_mean[None, :], 0.0)
-        count, mean, m2 = _merge(count, mean, m2, tile_count, tile_mean,
-                                 tl.sum(deviation * deviation, axis=0))
+        count, mean, m2, var_sum = _pool_tile(
+            mean_in_ptr, var_in_ptr, at, mask, tl.minimum(N - n0, BLOCK_N).to(ACC),
+            count, mean, m2, var_sum, 0)
     return mean, (var_sum + m2) / tl.maximum(count, 1.0)
 
 
