@@ -12,7 +12,6 @@ pay. On a GPU every launch runs; host time is the wall time per step without a s
 """
 import argparse
 import contextlib
-import os
 import os.path as osp
 import statistics
 import sys
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import add_smoke_option, mmsn_backend, report  # noqa: E402
+from common import (add_smoke_option, environment_variable, mmsn_backend,  # noqa: E402
+                    report)
 
 
 def layers(channels: int):
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     rows = []
     for name, backend, build in layers(args.shape[1]):
         interpret = backend == 'triton' and device == 'cpu'
-        with mmsn_backend(backend), _env('TRITON_INTERPRET', '1' if interpret else None):
+        with mmsn_backend(backend), environment_variable('TRITON_INTERPRET',
+                                                         '1' if interpret else None):
             layer = build().to(device)
             x.grad = None  # counted as in a step whose gradients start as None
             with DeviceWork(run_launches=device == 'cuda') as forward:
@@ -93,21 +94,6 @@ def main(argv=None) -> int:
            f', float32, median of {args.steps} steps'
            + ('' if device == 'cuda' else '; CPU: Triton launches counted, not run'))
     return 0
-
-
-@contextlib.contextmanager
-def _env(name: str, value):
-    saved = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-        if saved is not None:
-            os.environ[name] = saved
 
 
 if __name__ == '__main__':

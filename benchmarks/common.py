@@ -27,17 +27,22 @@ def environment() -> Dict[str, str]:
 
 
 @contextlib.contextmanager
-def mmsn_backend(backend: str):
-    """``MMSN_BACKEND=backend`` inside (unset for ``''``), restored after."""
-    saved = os.environ.pop('MMSN_BACKEND', None)
-    if backend:
-        os.environ['MMSN_BACKEND'] = backend
+def environment_variable(name: str, value):
+    """``name=value`` in the environment inside (unset for None or ''), restored after."""
+    saved = os.environ.pop(name, None)
+    if value:
+        os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop('MMSN_BACKEND', None)
+        os.environ.pop(name, None)
         if saved is not None:
-            os.environ['MMSN_BACKEND'] = saved
+            os.environ[name] = saved
+
+
+def mmsn_backend(backend: str):
+    """``MMSN_BACKEND=backend`` inside (unset for ``''``), restored after."""
+    return environment_variable('MMSN_BACKEND', backend)
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:

@@ -99,9 +99,11 @@ def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
         local.update(module.named_buffers(recurse=False))
         for key, value in _hardened(name, local).items():
             local[key].copy_(value)
-        mean, var = module.ratios()
-        _check_one_hot(name, dict(mean=mean.tolist(), var=var.tolist()))
-        choices[name] = hard_choice(module)
+        choices[name] = hard_choice(module)  # raises for ratios that are not finite
+        if choices[name] is None:
+            mean, var = module.ratios()
+            raise ValueError(f'{name}: expected one-hot ratios after hardening, got mean '
+                             f'{mean.tolist()} and variance {var.tolist()}')
     return choices
 
 
@@ -110,7 +112,7 @@ def hard_choice(layer: SwitchableLayer, tolerance: float = 1e-6) -> Optional[Tup
     mean, var = layer.ratios()
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError(f'{type(layer).__name__}: expected finite ratios, got mean '
-                         f'{mean.tolist()} and variance {var.tolist()}')
+                         f'{mean.tolist()} and variance {var.tolist()}')  # argmax of NaN lies
     if mean.max() < 1 - tolerance or var.max() < 1 - tolerance:
         return None
     return layer.statistics[int(mean.argmax())], layer.statistics[int(var.argmax())]

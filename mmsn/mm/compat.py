@@ -6,6 +6,7 @@ and nothing else, and applying it twice changes nothing. None imports mmdet or m
 waits until a model of theirs is built.
 """
 import importlib
+import threading
 from functools import wraps
 from typing import Optional
 
@@ -95,6 +96,14 @@ def _build_scope(cfg, registry) -> Optional[str]:
     return registry.scope
 
 
+class _BuildDepth(threading.local):
+    """Nesting depth of model builds in this thread."""
+    depth = 0
+
+
+_building = _BuildDepth()
+
+
 def _mmsn_build(build_func):
     """Wraps a MODELS build function: registers ``SWResNet`` in mmdet's or mmseg's registry
     the first time a config of that scope asks for it, and applies :func:`patch_norm_eval`
@@ -107,8 +116,14 @@ def _mmsn_build(build_func):
         if _config_type(cfg) == 'SWResNet':
             from .backbones import register_backbones
             register_backbones(_build_scope(cfg, kwargs.get('registry')))
-        model = build_func(cfg, *args, **kwargs)
-        if isinstance(model, nn.Module):
+        _building.depth += 1
+        try:
+            model = build_func(cfg, *args, **kwargs)
+        finally:
+            _building.depth -= 1
+        # Only the outermost build walks the model: a detector builds its backbone, neck and
+        # heads through here too, and their modules are all in the detector's.
+        if _building.depth == 0 and isinstance(model, nn.Module):
             patch_norm_eval(model)
         return model
 
