@@ -45,18 +45,21 @@ def test_sn_kernels_compile_within_budget(tmp_path):
 
 
 def test_sw_kernels_compile_within_budget(tmp_path):
-    """SW at 16, 32 and 64 channels per group (Newton's one-program kernel at 16 and 32;
+    """SW at 16, 32 and 64 channels per group (Newton in the mixing kernels at 16 and 32;
     64 takes batched matmuls), three dtypes, both layouts, maps of 56x56 and 14x14 (the SW
-    placements whiten stages 1-3 only; every shape is in the full sweep of
+    placements whiten stages 1-3 only; 64 channels: one group of 64, whose count Triton
+    passes as a constexpr; every shape is in the full sweep of
     ``python -m mmsn.ops.aot``): no spill, no stack, within budget on sm_80 and sm_90."""
     from mmsn.ops.aot import problems
     rows = run_check(tmp_path, ['sw16', 'sw32', 'sw64'], ['80', '90'],
                      subset=['--batches', '8', '--dtypes', 'float32', 'bfloat16', 'float16',
                              '--layouts', 'nchw', 'channels_last',
-                             '--shapes', '256x56x56', '1024x14x14'])
+                             '--shapes', '256x56x56', '1024x14x14', '64x56x56'])
     assert {row['kernel'] for row in rows} == {
         '_group_moments_kernel', '_whiten_kernel', '_whiten_grad_sums_kernel',
-        '_whiten_grad_input_kernel', '_newton_inverse_sqrt_kernel'}
+        '_whiten_grad_input_kernel', '_sw_batch_kernel', '_sw_mix_kernel',
+        '_sw_mix_backward_kernel', '_sw_batch_backward_kernel',
+        '_sw_input_coefficients_kernel'}
     assert {'C_PER=64' in row['constexprs'] for row in rows} == {True, False}
     assert [row['error'] for row in rows if row['error']] == []
     assert problems(rows) == []

@@ -201,15 +201,6 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
     compare(layer, x, torch.float32, monkeypatch, train=case != '1x1-N1')
 
 
-@pytest.mark.parametrize('c', [16, 32, 64])
-def test_newton_kernel_matches_reference(c):
-    from mmsn.ops.reference import inverse_sqrt_newton
-    cov = _spd(torch.randn(3, c, 2 * c, generator=torch.Generator().manual_seed(10)))
-    got = torch.ops.mmsn.sw_newton(cov, 5)
-    want = inverse_sqrt_newton(cov.double(), 5)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-
-
 def test_backend_dispatch(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv('MMSN_BACKEND', raising=False)
@@ -283,16 +274,28 @@ def _op_cases():
         saved = torch.ops.mmsn.sn_forward(*forward)[1:5]
         return (torch.randn_like(t), t) + saved + forward[1:4] + (True, 1e-5, True)
 
+    x32 = torch.randn(2, 64, 3, 2, generator=g)
+
+    def sw_forward_args(t, train, per_group, affine=True, sw_type=5):
+        c, groups = t.shape[1], t.shape[1] // per_group
+        params = (coef(c), coef(c)) if affine else (None, None)
+        return (t, coef(sw_type), coef(sw_type)) + params + (
+            coef(groups, per_group, 1), _spd(coef(groups, per_group, 2 * per_group)),
+            torch.tensor(3), train, per_group, sw_type, 5, 0.1, 1e-5, True)
+
+    def sw_backward_args(t, per_group):
+        forward = sw_forward_args(t, True, per_group)
+        saved = torch.ops.mmsn.sw_forward(*forward)[1:8]
+        return (torch.randn_like(t), t) + saved + forward[1:4] + (True, per_group, 5, 5, 1e-5,
+                                                                  True)
+
     return [
         ('sn_forward', sn_forward_args(x, True)), ('sn_forward', sn_forward_args(cl, False)),
         ('sn_forward', sn_forward_args(x, True, affine=False)),
         ('sn_backward', sn_backward_args(x)), ('sn_backward', sn_backward_args(cl)),
-        ('sw_moments', (cl, 16)),
-        ('sw_whiten', (cl, coef(2, 2, 16, 16) / 4, coef(2, 2, 16), coef(2, 2, 16), 16)),
-        ('sw_grad_sums', (cl, torch.randn_like(cl), coef(2, 2, 16), 16)),
-        ('sw_grad_input', (cl, torch.randn_like(cl), coef(2, 2, 16, 16), coef(2, 2, 16, 16),
-                           coef(2, 2, 16), coef(2, 2, 16), 16)),
-        ('sw_newton', (_spd(coef(2, 2, 16, 40)), 5)),
+        ('sw_forward', sw_forward_args(cl, True, 16)), ('sw_forward', sw_forward_args(x32, False, 16)),
+        ('sw_forward', sw_forward_args(cl, True, 32, affine=False)),
+        ('sw_backward', sw_backward_args(cl, 16)), ('sw_backward', sw_backward_args(x32, 32)),
     ]
 
 
@@ -305,7 +308,7 @@ def _spd(a):
 def test_registered_ops_pass_opcheck(name, args):
     """torch.library's own checks: schema, fake implementation (shapes, dtypes, strides),
     autograd registration, AOT dispatch with static and dynamic shapes."""
-    differentiable = name in ('sn_forward', 'sw_moments', 'sw_whiten', 'sw_newton')
+    differentiable = name in ('sn_forward', 'sw_forward')
     if differentiable:  # (the buffers and the counter take no gradient)
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and i < 5
                      and a.is_floating_point() else a for i, a in enumerate(args))

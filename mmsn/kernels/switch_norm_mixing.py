@@ -41,8 +41,9 @@ import triton.language as tl
 
 @triton.jit
 def _ratios(ptr, K: tl.constexpr, LOGITS: tl.constexpr, ACC: tl.constexpr):
-    """The ``K <= 3`` ratios as a (4,) vector (0 past K): softmax of logits, or as given."""
-    k = tl.arange(0, 4)
+    """The ``K <= 8`` ratios as an (8,) vector (0 past K): softmax of logits, or as given
+    (SN's three, SW's up to five)."""
+    k = tl.arange(0, 8)
     if LOGITS:
         logits = tl.load(ptr + k, mask=k < K, other=float('-inf')).to(ACC)
         e = tl.exp(logits - tl.max(logits, axis=0))
@@ -52,8 +53,8 @@ def _ratios(ptr, K: tl.constexpr, LOGITS: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _entry(vector, i):
-    """Entry ``i`` of a (4,) vector, as a scalar."""
-    return tl.sum(tl.where(tl.arange(0, 4) == i, vector, 0.0), axis=0)
+    """Entry ``i`` of an (8,) vector, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, 8) == i, vector, 0.0), axis=0)
 
 
 @triton.jit
@@ -305,8 +306,8 @@ def _tile_gradients(n0, c0, sum_dy_ptr, sum_dyc_ptr, mean_in_ptr, var_in_ptr, st
 
 @triton.jit
 def _ratio_gradient(p, d_p0, d_p1, d_p2, ptr, K: tl.constexpr, LOGITS: tl.constexpr):
-    k = tl.arange(0, 4)
-    d_p = tl.where(k == 0, d_p0, tl.where(k == 1, d_p1, d_p2))
+    k = tl.arange(0, 8)
+    d_p = tl.where(k == 0, d_p0, tl.where(k == 1, d_p1, tl.where(k == 2, d_p2, 0.0)))
     if LOGITS:  # through the softmax
         d_p = p * (d_p - tl.sum(p * d_p, axis=0))
     tl.store(ptr + k, d_p.to(ptr.dtype.element_ty), mask=k < K)

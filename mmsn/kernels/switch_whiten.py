@@ -3,17 +3,17 @@
 Per (n, group) instance of ``x`` viewed as ``(N, G, c, L)``:
 
 * forward: the IW mean and covariance (one read of x; ``tl.dot`` of c x BLOCK tiles, float32
-  accumulation relative to the instance's first column, so large means lose nothing; the
-  sums are split over L when there are too few instances to fill the GPU, and the host adds
-  the splits in a fixed order), then
+  accumulation relative to the instance's first column, so large means lose nothing; when
+  there are too few instances to fill the GPU the sums are split over L and the host adds
+  the splits in a fixed order, else the kernel writes the moments itself), then
   ``y = M @ (x - centre) + shift`` with ``M`` the (affine-scaled) whitening matrix from the
   small mixing step (one read, one write);
 * backward: ``sum(dy (x - centre)^T)`` and ``sum(dy)`` (one read of x and dy), then
   ``dx = M^T dy + A (x - mean_iw) + v`` (one read of each, one write), where ``A`` and ``v``
   carry the gradient of the IW moments.
 
-Between the two, the inverse square root of each mixed covariance by Newton's iteration
-(SW Eqn. 7) runs in one program per matrix, the iterates kept in registers.
+Between the passes, the mixing step and its vector-Jacobian product run in the small
+kernels of ``switch_whiten_mixing.py``.
 
 ``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
 """
@@ -41,7 +41,11 @@ def _group_instance(G, C_PER: tl.constexpr):
 @triton.jit
 def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk, stride_n,
                           stride_g, stride_c, stride_l, C_PER: tl.constexpr,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                          FINAL: tl.constexpr):
+    """Sums of ``x - pivot`` and their Gram matrix over this split of the instance, with
+    ``pivot`` its first column; ``FINAL`` (one split): the mean into ``pivot_ptr`` and the
+    population covariance into ``gram_ptr`` instead."""
     instance, n, g, rows = _group_instance(G, C_PER)
     split = tl.program_id(1)
     first, _ = _group_tile(x_ptr, n, g, tl.arange(0, 1), L, C_PER, stride_n, stride_g,
@@ -57,17 +61,29 @@ def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk
         tile = tl.where(mask, tl.load(at, mask=mask, other=0.0).to(ACC) - pivot, 0.0)
         total += tl.sum(tile, axis=1)
         gram += tl.dot(tile, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
-    out = split * NG + instance
-    tl.store(total_ptr + out * C_PER + rows, total)
-    tl.store(gram_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], gram)
-    if split == 0:
-        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)))
+    square = rows[:, None] * C_PER + rows[None, :]
+    if FINAL:
+        # (divisions without IEEE rounding: the slow path's subroutine needs a stack frame)
+        shift = tl.fdiv(total, tl.zeros_like(total) + L)
+        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)) + shift)
+        tl.store(gram_ptr + instance * C_PER * C_PER + square,
+                 tl.fdiv(gram, tl.zeros_like(gram) + L) - shift[:, None] * shift[None, :])
+    else:
+        out = split * NG + instance
+        tl.store(total_ptr + out * C_PER + rows, total)
+        tl.store(gram_ptr + out * C_PER * C_PER + square, gram)
+        if split == 0:
+            tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)))
 
 
 @triton.jit
-def _load_matrix(ptr, instance, C_PER: tl.constexpr):
+def _load_matrix(ptr, instance, C_PER: tl.constexpr, TRANSPOSE: tl.constexpr = False):
     rows = tl.arange(0, C_PER)
-    return tl.load(ptr + instance * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :])
+    if TRANSPOSE:
+        square = rows[None, :] * C_PER + rows[:, None]
+    else:
+        square = rows[:, None] * C_PER + rows[None, :]
+    return tl.load(ptr + instance.to(tl.int64) * C_PER * C_PER + square)
 
 
 @triton.jit
@@ -117,7 +133,7 @@ def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G
 
 
 @triton.jit
-def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_t_ptr, moment_ptr, mean_ptr,
+def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_ptr, moment_ptr, mean_ptr,
                               vector_ptr, G, L, stride_n, stride_g, stride_c, stride_l,
                               dy_stride_n, dy_stride_g, dy_stride_c, dy_stride_l, dx_stride_n,
                               dx_stride_g, dx_stride_c, dx_stride_l, C_PER: tl.constexpr,
@@ -125,7 +141,7 @@ def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_t_ptr, moment_ptr, m
                               PRECISION: tl.constexpr):
     instance, n, g, rows = _group_instance(G, C_PER)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    matrix_t = _load_matrix(matrix_t_ptr, instance, C_PER)
+    matrix_t = _load_matrix(matrix_ptr, instance, C_PER, TRANSPOSE=True)
     moment = _load_matrix(moment_ptr, instance, C_PER)
     mean = tl.load(mean_ptr + instance * C_PER + rows)
     vector = tl.load(vector_ptr + instance * C_PER + rows)
@@ -140,21 +156,3 @@ def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_t_ptr, moment_ptr, m
     dx_at, _ = _group_tile(dx_ptr, n, g, offsets, L, C_PER, dx_stride_n, dx_stride_g,
                            dx_stride_c, dx_stride_l)
     tl.store(dx_at, out.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _newton_inverse_sqrt_kernel(cov_ptr, out_ptr, C_PER: tl.constexpr, ITERATIONS: tl.constexpr,
-                                PRECISION: tl.constexpr):
-    """``P_T / sqrt(tr)`` with ``P_0 = I``, ``P_k = (3 P - P^3 Sigma / tr) / 2`` (float32)."""
-    rows = tl.arange(0, C_PER)
-    at = tl.program_id(0).to(tl.int64) * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :]
-    cov = tl.load(cov_ptr + at)
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    trace = tl.sum(tl.sum(cov * eye, axis=1), axis=0)
-    normalised = cov / trace
-    p = eye
-    for _ in tl.static_range(ITERATIONS):
-        p2 = tl.dot(p, p, input_precision=PRECISION)
-        p3 = tl.dot(p2, p, input_precision=PRECISION)
-        p = 1.5 * p - 0.5 * tl.dot(p3, normalised, input_precision=PRECISION)
-    tl.store(out_ptr + at, p / tl.sqrt(trace))

@@ -85,14 +85,14 @@ class SwitchWhiten2d(SwitchableLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        mean_ratio, var_ratio = self.ratios()
+        var_logits = self.sw_mean_weight if self.tie_weight else self.sw_var_weight
         group, sync = self._sync()
         return switch_whiten(
-            x, mean_ratio, var_ratio, self.weight, self.bias, self.running_mean,
+            x, self.sw_mean_weight, var_logits, self.weight, self.bias, self.running_mean,
             self.running_cov, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
             num_pergroup=self.num_pergroup, sw_type=self.sw_type, iterations=self.T,
             momentum=self.momentum, eps=self.eps, method=self.method, process_group=group,
-            sync=sync)
+            sync=sync, logits=True)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, num_pergroup={self.num_pergroup}, sw_type={self.sw_type}, '

@@ -9,8 +9,7 @@ the same way for groups of 16, 32 or 64 channels.
 Under ``torch.compile`` the default is the reference, which inductor turns into its own fused
 kernels and can fuse with the neighbouring ReLU or residual add (a custom op is opaque to
 it); ``MMSN_BACKEND=triton`` keeps mmsn's kernels there, as ``torch.ops.mmsn`` custom ops
-(``sn_forward``/``sn_backward`` for SN: the same code as eager; for SW the moments and
-whitening ops composed with the traced mixing step, see ``library.py``).
+(``sn_forward``/``sn_backward``, ``sw_forward``/``sw_backward``: the same code as eager).
 
 A forced backend that cannot be honoured raises; a GPU older than
 ``MIN_COMPUTE_CAPABILITY`` uses the reference, with one warning.
@@ -94,21 +93,31 @@ def switch_norm(x, mean_weight, var_weight, *args, logits: bool = True, **kwargs
                                  ratios_of(var_weight, logits), *args, **kwargs)
 
 
-def switch_whiten(x, *args, num_pergroup: int, **kwargs):
-    """Switchable Whitening on the backend :func:`backend_for` picks (the kernels take
-    groups of 16, 32 or 64 channels: other group sizes use the reference, and raise when
-    ``MMSN_BACKEND=triton`` forces the kernels); arguments as for
-    :func:`~mmsn.ops.reference.switch_whiten_reference`."""
+def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bool = False,
+                  method: str = 'newton', **kwargs):
+    """Switchable Whitening on the backend :func:`backend_for` picks. ``mean_ratio`` and
+    ``var_ratio`` are the ratios, or their logits with ``logits`` (softmax in at least
+    float32); the other arguments as for
+    :func:`~mmsn.ops.reference.switch_whiten_reference`. The kernels take groups of 16, 32
+    or 64 channels and Newton's iteration: other group sizes and ``method='eigh'`` use the
+    reference, and raise when ``MMSN_BACKEND=triton`` forces the kernels."""
     backend = backend_for(x)
-    if backend == 'triton' and num_pergroup not in KERNEL_GROUP_SIZES:
+    if backend == 'triton' and (num_pergroup not in KERNEL_GROUP_SIZES or method != 'newton'):
         if _forced_backend():
+            if method != 'newton':
+                raise ValueError(f"method: MMSN_BACKEND=triton forces the kernels, which "
+                                 f"implement 'newton', got {method!r}")
             raise ValueError(f'num_pergroup: MMSN_BACKEND=triton forces the kernels, which take '
                              f'{KERNEL_GROUP_SIZES} channels per group, got {num_pergroup}')
         backend = 'torch'
     if backend == 'triton':
-        return switch_whiten_triton(x, *args, num_pergroup=num_pergroup,
-                                    composed=_compiling(), **kwargs)
-    return switch_whiten_reference(x, *args, num_pergroup=num_pergroup, **kwargs)
+        return switch_whiten_triton(x, mean_ratio, var_ratio, *args, num_pergroup=num_pergroup,
+                                    method=method, logits=logits, compiling=_compiling(),
+                                    **kwargs)
+    return switch_whiten_reference(x, ratios_of(mean_ratio, logits),
+                                   ratios_of(var_ratio, logits), *args,
+                                   num_pergroup=num_pergroup, method=method, **kwargs)
+
 
 __all__ = [
     'switch_norm', 'switch_whiten', 'switch_norm_reference', 'switch_whiten_reference',

@@ -16,8 +16,9 @@ Register budget, and why: the streaming passes are memory-bound and need many by
 flight per SM; at 128 registers per thread an SM holds 512 threads (16 warps, a quarter of
 its thread slots on sm_80/sm_90), which with these kernels' wide vector loads keeps enough
 loads outstanding to approach bandwidth. Above that, occupancy halves again and latency is
-no longer hidden. The one-program kernels (the SN mixing step, Newton's iteration) are
-latency-bound and run once per layer: they may use up to 255 registers, but never spill.
+no longer hidden. The mixing kernels (SN's one program per layer; SW's one program per group
+or per instance, with Newton's iteration in registers) work on the moments, not on x: they
+are latency-bound and may use up to 255 registers, but never spill.
 """
 import argparse
 import json
@@ -33,9 +34,10 @@ import torch
 
 #: streaming kernels: at most this many registers per thread (see the module docstring)
 STREAMING_REGISTER_BUDGET = 128
-#: kernels that run as one program per layer or per matrix
-SINGLE_PROGRAM_KERNELS = ('_mix_forward_kernel', '_mix_backward_kernel',
-                          '_newton_inverse_sqrt_kernel')
+#: the mixing kernels, which read the moments, not x (see the module docstring)
+MIXING_KERNELS = ('_mix_forward_kernel', '_mix_backward_kernel', '_sw_batch_kernel',
+                  '_sw_mix_kernel', '_sw_mix_backward_kernel', '_sw_batch_backward_kernel',
+                  '_sw_input_coefficients_kernel')
 ARCHITECTURES = (80, 90)
 #: ResNet-50's norm shapes at 224x224 (channels, height, width)
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -45,7 +47,7 @@ KINDS = ('sn', 'sw16', 'sw32', 'sw64')
 
 
 def register_budget(kernel_name: str) -> int:
-    return 255 if kernel_name in SINGLE_PROGRAM_KERNELS else STREAMING_REGISTER_BUDGET
+    return 255 if kernel_name in MIXING_KERNELS else STREAMING_REGISTER_BUDGET
 
 
 def _layer(kind: str, channels: int):

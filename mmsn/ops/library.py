@@ -5,13 +5,11 @@
   :func:`sn_backward` (sums pass, the mixing step's vector-Jacobian product, ``dx`` pass),
   called by the eager autograd Function and, as the ``mmsn::sn_forward`` /
   ``mmsn::sn_backward`` custom ops, under torch.compile (``triton_switch_norm.py``).
-* SW, each also a custom op (``torch.ops.mmsn.<name>``): ``sw_moments`` (IW moments),
-  ``sw_whiten`` (``y = M (x - centre) + shift``), ``sw_grad_sums`` and ``sw_grad_input``
-  (the two passes of the backward), ``sw_newton`` (Newton's inverse square root, one program
-  per matrix; its backward written out in PyTorch: :func:`newton_backward`). The moments,
-  whiten and Newton ops carry autograd formulas built from ops, so under torch.compile
-  moments -> the mixing step in PyTorch -> whiten is traceable; that composed backward writes
-  ``dx`` in two passes plus their sum, where the eager backward writes it once.
+* SW: :func:`sw_forward` (moments pass, BW moments, mixing kernel with Newton's iteration,
+  whitening pass) and :func:`sw_backward` (sums pass, three small kernels for the mixing
+  step's vector-Jacobian product, ``dx`` pass), the same way (``triton_switch_whiten.py``).
+  At 64 channels per group Newton's iteration and its backward (:func:`newton_backward`)
+  run as batched matmuls between the kernels.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
@@ -164,11 +162,6 @@ def split_reduction(programs: int, length: int, block: int,
     return cdiv(blocks, per_split), per_split * block
 
 
-def merge_split_sums(parts: Tensor) -> Tensor:
-    """Adds the per-split partial sums (dim 0) in a fixed order; no launch for one split."""
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
-
-
 def _programs_to_fill(device: torch.device) -> int:
     """Programs that keep every streaming multiprocessor busy (a few per SM); on the CPU
     (the interpreter, in tests) a small number, so that the split path is exercised."""
@@ -192,16 +185,23 @@ def _has_work(*sizes: int) -> bool:
 #: ``tl.dot`` runs on CUDA cores and keeps its operand tiles and the c x c matrices in
 #: registers, so the tile shrinks as c grows: these fit 128 registers per thread without
 #: spills on sm_80 and sm_90 in every dtype and layout (``python -m mmsn.ops.aot``; with
-#: 128-position tiles at 4 warps, 32 and 64 per group spilled up to 18 kB per thread).
+#: 128-position tiles at 4 warps, 32 and 64 per group spilled up to 18 kB per thread; the
+#: 16-per-group moments pass that writes the finished moments kept an 8-byte stack frame
+#: on sm_90 at 4 warps).
 _SW_PLANS = {
-    'moments': {16: (128, 4), 32: (32, 4), 64: (32, 16)},
+    'moments': {16: (128, 8), 32: (32, 4), 64: (32, 16)},
     'whiten': {16: (128, 4), 32: (64, 4), 64: (32, 8)},
     'grad_sums': {16: (32, 4), 32: (32, 8), 64: (16, 8)},
     'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
 }
-#: Warps of the one-program Newton kernel by channels per group. At 64 its five 64 x 64
-#: iterates spill kilobytes at any warp count, so ``sw_newton`` uses batched matmuls there.
-_NEWTON_WARPS = {16: 4, 32: 8}
+#: Warps of the per-group and per-instance mixing kernels by channels per group; Newton's
+#: backward at 32 per group needs 16 (at 8 it spilled 680 bytes per thread).
+_SW_MIX_WARPS = {16: 4, 32: 8, 64: 16}
+_SW_NEWTON_BACKWARD_WARPS = {16: 4, 32: 8, 64: 16}
+#: Group sizes whose mixing kernels run Newton's iteration (forward and backward) in
+#: registers. At 64 its five 64 x 64 iterates spill kilobytes at any warp count: there the
+#: mixing kernel writes the mixed covariance and Newton runs as batched matmuls.
+_NEWTON_IN_KERNEL = (16, 32)
 
 
 def _sw_args(per_group: int, dtype: torch.dtype, length: int, kind: str) -> dict:
@@ -367,7 +367,8 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
 
 def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     """IW mean ``(N, G, c)`` and population covariance ``(N, G, c, c)`` of each sample's
-    groups of ``group_size`` contiguous channels."""
+    groups of ``group_size`` contiguous channels: one launch (plus the merge of the splits
+    when the reduction over L is split)."""
     from ..kernels.switch_whiten import _group_moments_kernel
     x4 = _groups_view(x, group_size)
     n, groups, c, length = x4.shape
@@ -377,22 +378,20 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
                 x.new_zeros((n, groups, c, c), dtype=dtype))
     args = _sw_args(c, dtype, length, 'moments')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
-    pivot = x.new_empty((n, groups, c), dtype=dtype)
+    first = x.new_empty((n, groups, c), dtype=dtype)
+    if splits == 1:
+        cov = x.new_empty((n, groups, c, c), dtype=dtype)
+        launch(_group_moments_kernel, (n * groups, 1), x4, first, first, cov, groups, length,
+               n * groups, chunk, *x4.stride(), FINAL=True, **args)
+        return first, cov
     totals = x.new_empty((splits, n, groups, c), dtype=dtype)
     grams = x.new_empty((splits, n, groups, c, c), dtype=dtype)
-    launch(_group_moments_kernel, (n * groups, splits), x4, pivot, totals, grams, groups, length,
-                                                n * groups, chunk, *x4.stride(), **args)
+    launch(_group_moments_kernel, (n * groups, splits), x4, first, totals, grams, groups,
+           length, n * groups, chunk, *x4.stride(), FINAL=False, **args)
     # sums of x - pivot (the first column): no cancellation for large means
-    mean = merge_split_sums(totals) / length
-    cov = merge_split_sums(grams) / length - mean[..., :, None] * mean[..., None, :]
-    return pivot + mean, cov
-
-
-def _sw_moments_fake(x, group_size):
-    n, groups = x.shape[0], x.shape[1] // group_size
-    dtype = stats_dtype(x)
-    return (x.new_empty((n, groups, group_size), dtype=dtype),
-            x.new_empty((n, groups, group_size, group_size), dtype=dtype))
+    mean = totals.sum(0) / length
+    cov = grams.sum(0) / length - mean[..., :, None] * mean[..., None, :]
+    return first + mean, cov
 
 
 def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
@@ -406,126 +405,183 @@ def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
     if _has_work(n, groups, length):
         y4 = as_groups(y, group_size)
         args = _sw_args(c, matrix.dtype, length, 'whiten')
-        launch(
-            _whiten_kernel, (n * groups, cdiv(length, args['BLOCK'])),
-            x4, y4, matrix.contiguous(), centre.contiguous(), shift.contiguous(), groups,
-            length, *x4.stride(), *y4.stride(), **args)
+        launch(_whiten_kernel, (n * groups, cdiv(length, args['BLOCK'])), x4, y4, matrix,
+               centre, shift, groups, length, *x4.stride(), *y4.stride(), **args)
     return y
-
-
-def _sw_whiten_fake(x, matrix, centre, shift, group_size):
-    return torch.empty_like(x)
 
 
 def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
                  group_size: int) -> Tuple[Tensor, Tensor]:
-    """``sum(dy (x - centre)^T)`` ``(N, G, c, c)`` and ``sum(dy)`` ``(N, G, c)``, in the dtype
-    of ``centre``."""
+    """Per split of L: ``sum(dy (x - centre)^T)`` ``(S, N, G, c, c)`` and ``sum(dy)``
+    ``(S, N, G, c)``, in the dtype of ``centre`` (the mixing kernels add the splits)."""
     from ..kernels.switch_whiten import _whiten_grad_sums_kernel
     x4, dy4 = _groups_view(x, group_size), _groups_view(dy, group_size)
     n, groups, c, length = x4.shape
     if not _has_work(n, groups, length):
-        return (x.new_zeros((n, groups, c, c), dtype=centre.dtype),
-                x.new_zeros((n, groups, c), dtype=centre.dtype))
+        return (x.new_zeros((1, n, groups, c, c), dtype=centre.dtype),
+                x.new_zeros((1, n, groups, c), dtype=centre.dtype))
     args = _sw_args(c, centre.dtype, length, 'grad_sums')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
     sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
-    launch(
-        _whiten_grad_sums_kernel, (n * groups, splits),
-        x4, dy4, centre.contiguous(), outers, sums_dy, groups, length, n * groups, chunk,
-        *x4.stride(), *dy4.stride(), **args)
-    return merge_split_sums(outers), merge_split_sums(sums_dy)
+    launch(_whiten_grad_sums_kernel, (n * groups, splits), x4, dy4, centre, outers, sums_dy,
+           groups, length, n * groups, chunk, *x4.stride(), *dy4.stride(), **args)
+    return outers, sums_dy
 
 
-def _sw_grad_sums_fake(x, dy, centre, group_size):
-    n, groups = x.shape[0], x.shape[1] // group_size
-    return (x.new_empty((n, groups, group_size, group_size), dtype=centre.dtype),
-            x.new_empty((n, groups, group_size), dtype=centre.dtype))
-
-
-def sw_grad_input(x: Tensor, dy: Tensor, matrix_t: Tensor, moment: Tensor, mean: Tensor,
+def sw_grad_input(x: Tensor, dy: Tensor, matrix: Tensor, moment: Tensor, mean: Tensor,
                   vector: Tensor, group_size: int) -> Tensor:
-    """``dx = matrix_t @ dy + moment @ (x - mean) + vector`` on each (n, group), one pass."""
+    """``dx = matrix^T @ dy + moment @ (x - mean) + vector`` on each (n, group), one pass."""
     from ..kernels.switch_whiten import _whiten_grad_input_kernel
     x4, dy4 = _groups_view(x, group_size), _groups_view(dy, group_size)
     dx = torch.empty_like(x)
     n, groups, c, length = x4.shape
     if _has_work(n, groups, length):
         dx4 = as_groups(dx, group_size)
-        args = _sw_args(c, matrix_t.dtype, length, 'grad_input')
-        launch(
-            _whiten_grad_input_kernel, (n * groups, cdiv(length, args['BLOCK'])),
-            x4, dy4, dx4, matrix_t.contiguous(), moment.contiguous(), mean.contiguous(),
-            vector.contiguous(), groups, length, *x4.stride(), *dy4.stride(), *dx4.stride(),
-            **args)
+        args = _sw_args(c, matrix.dtype, length, 'grad_input')
+        launch(_whiten_grad_input_kernel, (n * groups, cdiv(length, args['BLOCK'])),
+               x4, dy4, dx4, matrix, moment, mean, vector, groups, length, *x4.stride(),
+               *dy4.stride(), *dx4.stride(), **args)
     return dx
 
 
-def _sw_grad_input_fake(x, dy, matrix_t, moment, mean, vector, group_size):
-    return torch.empty_like(x)
+def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], running: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
+               use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
+               momentum: Optional[float], eps: float, logits: bool = True,
+               process_group: Optional[object] = None, sync: bool = False,
+               updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
+    """SW forward on the kernels: moments pass, BW moments (training; synchronized: two
+    stages around one all-gather of the packed moments), mixing kernel, whitening pass.
+
+    Args:
+        x (Tensor): ``(N, C, H, W)`` input that :func:`as_groups` views without a copy.
+        mean_logit, var_logit (Tensor): ``(sw_type,)`` ratio logits (``logits``) or ratios.
+        weight, bias (Tensor, optional): ``(C,)`` affine parameters.
+        running (tuple, optional): ``(running_mean, running_cov, num_batches_tracked)``.
+        use_batch_stats (bool): BW from the batch (and update ``running``) or from it.
+        updated (tuple, optional): where the updated running statistics go; defaults to
+            ``running`` itself (in place).
+
+    Returns:
+        tuple: ``y`` and what the backward needs: the IW ``mean`` and ``cov``, ``batch``
+        (``[mu_B, Sigma_B, T]`` as used), the affine map's ``matrix`` and ``centre``, and at
+        64 channels per group the mixed covariance and its inverse square root (else empty).
+    """
+    from ..kernels.switch_whiten_mixing import _sw_batch_kernel, _sw_mix_kernel
+    n, groups, c, length = _groups_view(x, group_size).shape
+    dtype = stats_dtype(x)
+    mean, cov = sw_moments(x, group_size)
+    batch = x.new_empty(groups * c + groups * c * c + 1, dtype=dtype)
+    batch_mean, batch_cov = batch[:groups * c], batch[groups * c:-1]
+    if not use_batch_stats and running is None:
+        raise ValueError('use_batch_stats=False needs running_mean and running_cov')
+    update = use_batch_stats and running is not None
+    if running is None:
+        running = (batch, batch, None)
+    if running[2] is None:  # (the counter is read only for momentum=None, which needs one)
+        running = running[:2] + (x.new_empty((), dtype=torch.long),)
+    updated = updated if updated is not None else running
+    common = dict(C_PER=c, ACC=accumulator(dtype), num_warps=_SW_MIX_WARPS[c])
+    if use_batch_stats:
+        world = sync_world_size(process_group) if sync else 1
+        args = [mean, cov, batch, batch, running[0], running[1], updated[0], updated[1],
+                running[2], n, groups, length, world, 0.0 if momentum is None else momentum]
+        options = dict(UPDATE=update, CUMULATIVE=momentum is None, **common)
+        if world > 1:
+            local = x.new_empty(1 + groups * c + groups * c * c, dtype=dtype)
+            args[2] = local
+            launch(_sw_batch_kernel, (groups,), *args, STAGE=1, **options)
+            gathered = x.new_empty(world * local.numel(), dtype=dtype)  # (gloo wants it flat)
+            torch.distributed.all_gather_into_tensor(gathered, local, group=process_group)
+            args[2] = gathered
+            launch(_sw_batch_kernel, (groups,), *args, STAGE=2, **options)
+        else:
+            launch(_sw_batch_kernel, (groups,), *args, STAGE=0, **options)
+        source = batch_mean, batch_cov
+    else:
+        source = running[0], running[1]
+    matrix = x.new_empty((n, groups, c, c), dtype=dtype)
+    centre, shift = x.new_empty((2, n, groups, c), dtype=dtype)
+    newton = c in _NEWTON_IN_KERNEL
+    launch(_sw_mix_kernel, (max(n * groups, 1),), mean, cov, *source, batch, mean_logit,
+           var_logit, batch if weight is None else weight, batch if bias is None else bias,
+           running[2], updated[2], matrix, centre, shift, n, groups, eps, K=sw_type,
+           LOGITS=logits, AFFINE=weight is not None, BATCH=use_batch_stats, UPDATE=update,
+           NEWTON=newton, ITERATIONS=iterations, PRECISION='ieee', **common)
+    mixed = whitening = batch[:0]
+    if not newton:  # the kernel wrote the mixed covariance
+        mixed, whitening = matrix, inverse_sqrt_newton(matrix, iterations)
+        matrix = whitening if weight is None else \
+            whitening * weight.to(dtype).reshape(groups, c, 1)
+    y = sw_whiten(x, matrix, centre, shift, group_size)
+    return y, mean, cov, batch, matrix, centre, mixed, whitening
 
 
-def sw_moments_input_coefficients(d_mean: Tensor, d_cov: Tensor,
-                                  length: int) -> Tuple[Tensor, Tensor]:
-    """``(A, v)`` with ``dx = A (x - mean) + v`` the gradient through the IW moments:
-    ``mean = sum(x) / L``, ``cov = sum((x - mean)(x - mean)^T) / L``."""
-    return (d_cov + d_cov.transpose(-1, -2)) / max(length, 1), d_mean / max(length, 1)
+def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
+                matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
+                mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+                use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
+                eps: float, logits: bool = True, process_group: Optional[object] = None,
+                sync: bool = False, input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
+    """SW backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
+    product (per instance, per group, per instance; synchronized layers all-reduce the BW
+    moments' gradients in between), the ``dx`` pass. The saved tensors as
+    :func:`sw_forward` returned them.
 
-
-def _sw_moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-    ctx.group_size = inputs[1]
-
-
-def _sw_moments_backward(ctx, d_mean, d_cov):
-    x, mean = ctx.saved_tensors
-    c = ctx.group_size
-    d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
-    d_cov = mean.new_zeros(mean.shape + (c,)) if d_cov is None else d_cov
-    moment, vector = sw_moments_input_coefficients(d_mean, d_cov, math.prod(x.shape[2:]))
-    return torch.ops.mmsn.sw_whiten(x, moment, mean, vector, c), None
-
-
-def _sw_whiten_setup(ctx, inputs, output):
-    x, matrix, centre, shift, group_size = inputs
-    ctx.save_for_backward(x, matrix, centre)
-    ctx.group_size = group_size
-
-
-def _sw_whiten_backward(ctx, dy):
-    x, matrix, centre = ctx.saved_tensors
-    dx = d_matrix = d_centre = d_shift = None
-    if ctx.needs_input_grad[0]:
-        zeros = torch.zeros_like(centre)
-        dx = torch.ops.mmsn.sw_whiten(dy, matrix.transpose(-1, -2), zeros, zeros,
-                                      ctx.group_size)
-    if any(ctx.needs_input_grad[1:4]):
-        d_matrix, d_shift = torch.ops.mmsn.sw_grad_sums(x, dy, centre, ctx.group_size)
-        d_centre = -torch.matmul(matrix.transpose(-1, -2), d_shift[..., None])[..., 0]
-    return dx, d_matrix, d_centre, d_shift, None
-
-
-def sw_newton(cov: Tensor, iterations: int) -> Tensor:
-    """``cov^{-1/2}`` of each float32 ``(..., c, c)`` matrix by Newton's iteration (SW Eqn. 7),
-    one program per matrix (batched matmuls at 64 channels per group, see ``_NEWTON_WARPS``);
-    equal to :func:`~mmsn.ops.reference.inverse_sqrt_newton`."""
-    from ..kernels.switch_whiten import _newton_inverse_sqrt_kernel
-    c = cov.shape[-1]
-    cov = cov.contiguous()
-    out = torch.empty_like(cov)
-    count = cov.numel() // (c * c) if c else 0
-    if count and c not in _NEWTON_WARPS:
-        from .reference import inverse_sqrt_newton
-        return inverse_sqrt_newton(cov, iterations)
-    if count:
-        launch(_newton_inverse_sqrt_kernel, (count,), cov, out, C_PER=c, ITERATIONS=iterations,
-               PRECISION='ieee', num_warps=_NEWTON_WARPS[c])
-    return out
-
-
-def _sw_newton_fake(cov, iterations):
-    return torch.empty_like(cov, memory_format=torch.contiguous_format)
+    Returns:
+        tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_logit``,
+        ``var_logit``, ``weight`` and ``bias`` (None without affine parameters).
+    """
+    from ..kernels.switch_whiten_mixing import (PARTIALS, _sw_batch_backward_kernel,
+                                                _sw_input_coefficients_kernel,
+                                                _sw_mix_backward_kernel)
+    dy = viewable(dy, lambda t: as_groups(t, group_size))
+    n, groups, c, length = _groups_view(x, group_size).shape
+    dtype = mean.dtype
+    common = dict(K=sw_type, LOGITS=logits, C_PER=c, ACC=accumulator(dtype),
+                  num_warps=_SW_MIX_WARPS[c])
+    outers, sums_dy = sw_grad_sums(x, dy, centre, group_size)
+    splits = outers.shape[0]
+    d_cov = x.new_empty((n, groups, c, c), dtype=dtype)
+    d_centre, d_gamma = x.new_empty((2, n, groups, c), dtype=dtype)
+    partial = x.new_empty((n, groups, PARTIALS), dtype=dtype)
+    affine = weight is not None
+    if n * groups:
+        newton = c in _NEWTON_IN_KERNEL
+        args = (mean, cov, batch[:groups * c], batch[groups * c:-1], mean_logit, var_logit,
+                batch if weight is None else weight, batch if newton else whitening,
+                x.new_empty((n, groups, 3 * iterations + 3 if newton else 0, c, c),
+                            dtype=dtype), outers,
+                sums_dy, d_cov, d_centre, d_gamma, partial, n, groups, splits, eps)
+        options = dict(common, AFFINE=affine, NEWTON=newton, ITERATIONS=iterations,
+                       PRECISION='ieee', num_warps=_SW_NEWTON_BACKWARD_WARPS[c])
+        if newton:
+            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=0, **options)
+        else:  # Newton's backward between the stages, as batched matmuls
+            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=1, **options)
+            d_cov.copy_(newton_backward(mixed, iterations, d_cov))
+            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=2, **options)
+    grad_batch = x.new_empty(groups * c + groups * c * c, dtype=dtype)
+    d_mean_logit, d_var_logit = torch.empty_like(mean_logit), torch.empty_like(var_logit)
+    d_weight, d_bias = (torch.empty_like(weight), torch.empty_like(weight)) if affine else \
+        (None, None)
+    launch(_sw_batch_backward_kernel, (groups,), d_cov, d_centre, d_gamma, sums_dy, partial,
+           mean_logit, var_logit, grad_batch, batch if d_weight is None else d_weight,
+           batch if d_bias is None else d_bias, d_mean_logit, d_var_logit, n, groups, splits,
+           AFFINE=affine, BATCH=use_batch_stats, **common)
+    if sync and use_batch_stats and sync_world_size(process_group) > 1:
+        torch.distributed.all_reduce(grad_batch, group=process_group)
+    dx = None
+    if input_grad:
+        moment = x.new_empty((n, groups, c, c), dtype=dtype)
+        vector = x.new_empty((n, groups, c), dtype=dtype)
+        if n * groups:
+            launch(_sw_input_coefficients_kernel, (n * groups,), mean, batch, d_cov, d_centre,
+                   partial, grad_batch, mean_logit, var_logit, moment, vector, n, groups,
+                   length, BATCH=use_batch_stats, **common)
+        dx = sw_grad_input(x, dy, matrix, moment, mean, vector, group_size)
+    return dx, d_mean_logit, d_var_logit, d_weight, d_bias
 
 
 def newton_backward(cov: Tensor, iterations: int, grad: Tensor) -> Tensor:
@@ -554,41 +610,3 @@ def newton_backward(cov: Tensor, iterations: int, grad: Tensor) -> Tensor:
         grad_p = 1.5 * grad_p + m @ t(p2) + t(p) @ m @ t(p) + t(p2) @ m
     grad_trace = grad_trace - (grad_normalised * cov).sum((-1, -2), keepdim=True) / trace ** 2
     return grad_normalised / trace + grad_trace * eye
-
-
-def _sw_newton_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.iterations = inputs[1]
-
-
-def _sw_newton_backward(ctx, grad):
-    cov, = ctx.saved_tensors
-    return newton_backward(cov, ctx.iterations, grad), None
-
-
-def newton_inverse_sqrt(cov: Tensor, iterations: int) -> Tensor:
-    """The kernels' Newton step: the ``sw_newton`` op for float32 matrices of a kernel group
-    size, the reference otherwise (float64 runs, other sizes)."""
-    if cov.dtype == torch.float32 and cov.shape[-1] in KERNEL_GROUP_SIZES:
-        return torch.ops.mmsn.sw_newton(cov, iterations)
-    return inverse_sqrt_newton(cov, iterations)
-
-
-def _register() -> None:
-    """Registers the launches above as ``torch.ops.mmsn.*`` with fake implementations, and
-    the autograd formulas of the differentiable ones."""
-    fakes = {sw_moments: _sw_moments_fake, sw_whiten: _sw_whiten_fake,
-             sw_grad_sums: _sw_grad_sums_fake, sw_grad_input: _sw_grad_input_fake,
-             sw_newton: _sw_newton_fake}
-    autograd = {sw_moments: (_sw_moments_backward, _sw_moments_setup),
-                sw_whiten: (_sw_whiten_backward, _sw_whiten_setup),
-                sw_newton: (_sw_newton_backward, _sw_newton_setup)}
-    for launch, fake in fakes.items():
-        op = torch.library.custom_op(f'mmsn::{launch.__name__}', launch, mutates_args=())
-        op.register_fake(fake)
-        if launch in autograd:
-            backward, setup = autograd[launch]
-            op.register_autograd(backward, setup_context=setup)
-
-
-_register()

@@ -61,7 +61,7 @@ def merge_covariance_moments(count: Tensor, mean: Tensor, m2: Tensor,
 
 def unbiased_scale(count: Tensor) -> Tensor:
     """Bessel's factor ``n / (n - 1)`` for running estimates, 1 where ``n <= 1``."""
-    count = count.to(torch.float32)
+    count = count.to(torch.promote_types(count.dtype, torch.float32))  # (float64 stays)
     return torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
 
 

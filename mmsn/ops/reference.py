@@ -16,7 +16,7 @@ layers apply softmax, sparsestmax or hard one-hot choices), so these functions a
 how the ratios are produced.
 """
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -241,17 +241,14 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
                                sw_type: int, iterations: int, momentum: Optional[float],
                                eps: float, method: str = 'newton',
                                process_group: Optional[object] = None,
-                               sync: bool = False,
-                               newton: Optional[Callable[[Tensor, int], Tensor]] = None
-                               ) -> Tuple[Tensor, Tensor, Tensor]:
+                               sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """SW's per-(n, group) affine map from the IW moments:
     ``y = matrix @ (x - centre) + shift`` on each group of channels.
 
-    The small step between the moments and the whitening pass, shared by the reference and
-    the kernels: BW moments (synchronized when asked, running buffers updated in training),
-    the mixed mean and covariance, the inverse square root, the affine parameters.
-
-    ``newton`` replaces :func:`inverse_sqrt_newton` (the kernels pass their fused one).
+    The small step between the moments and the whitening: BW moments (synchronized when
+    asked, running buffers updated in training), the mixed mean and covariance, the inverse
+    square root, the affine parameters (the kernels' version:
+    ``mmsn/kernels/switch_whiten_mixing.py``).
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: ``matrix`` ``(N, G, c, c)``, ``centre`` and ``shift``
@@ -291,7 +288,7 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     cov = sum(var_ratio[i] * stats_cov[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
     cov = cov + eps * eye
     if method == 'newton':
-        whitening = (newton or inverse_sqrt_newton)(cov, iterations)
+        whitening = inverse_sqrt_newton(cov, iterations)
     elif method == 'eigh':
         whitening = inverse_sqrt_eigh(cov)
     else:

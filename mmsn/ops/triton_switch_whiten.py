@@ -1,131 +1,232 @@
-"""SW on the Triton kernels: the moments and whitening passes are kernels (``library.py``);
-between them the small mixing step (BW moments and their synchronization, mixed mean and
-covariance, Newton iterations, affine) runs in PyTorch on ``(N, G, c, c)`` tensors through
-:func:`switch_whiten_coefficients`, the same code as the reference. The backward, and the
-composed form used under torch.compile, mirror the SN ones (``triton_switch_norm.py``)."""
+"""SW on the Triton kernels: four launches forward, five backward (``library.py``).
+
+Forward: the moments pass, the BW moments (training), the mixing kernel (mixed mean and
+covariance, Newton's iteration, affine; the running-statistics update), the whitening pass.
+Backward: the sums pass, the mixing step's vector-Jacobian product in three small kernels,
+the ``dx`` pass. Synchronized layers add one stage and one collective each way. At 64
+channels per group Newton's iteration and its backward run as batched matmuls between the
+kernels (its iterates do not fit in registers).
+
+As for SN (``triton_switch_norm.py``), :func:`~mmsn.ops.library.sw_forward` and
+:func:`~mmsn.ops.library.sw_backward` serve both eager autograd (:class:`_SwitchWhitenFunction`)
+and torch.compile (the ``mmsn::sw_forward`` / ``mmsn::sw_backward`` custom ops, which take no
+process group: synchronized layers run the eager Function there, a graph break); a backward
+with grad mode on (``create_graph=True``) differentiates the reference instead.
+"""
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .library import (KERNEL_GROUP_SIZES, as_groups, newton_inverse_sqrt, sw_grad_input,
-                      sw_grad_sums, sw_moments, sw_moments_input_coefficients, sw_whiten,
+from .distributed import sync_world_size
+from .library import (_NEWTON_IN_KERNEL, KERNEL_GROUP_SIZES, as_groups, sw_backward, sw_forward,
                       viewable)
-from .distributed import gathered_parts
-from .reference import switch_whiten_coefficients, switch_whiten_reference
+from .reference import ratios_of, switch_whiten_reference
 
 
-def _leaf(t: Optional[Tensor], needed: bool) -> Optional[Tensor]:
-    return None if t is None else t.detach().requires_grad_(needed)
+@dataclasses.dataclass(frozen=True)
+class SWConfig:
+    """What an SW call does besides its tensors."""
+    use_batch_stats: bool
+    group_size: int
+    sw_type: int
+    iterations: int
+    momentum: Optional[float]
+    eps: float
+    logits: bool = True
+    process_group: Optional[object] = None
+    sync: bool = False
 
 
-def _grad_of(leaf: Optional[Tensor]) -> Optional[Tensor]:
-    return None if leaf is None else leaf.grad
+def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
+    """Differentiable gradients of the inputs that need one, through the reference."""
+    x, mean_logit, var_logit, weight, bias = inputs
+    groups, c = x.shape[1] // config.group_size, config.group_size
+    running = (None, None)
+    if not config.use_batch_stats:  # the running statistics as the forward read them
+        running = (batch[:groups * c].reshape(groups, c, 1),
+                   batch[groups * c:-1].reshape(groups, c, c))
+    with torch.enable_grad():
+        y = switch_whiten_reference(
+            x, ratios_of(mean_logit, config.logits), ratios_of(var_logit, config.logits),
+            weight, bias, *running, None, config.use_batch_stats, config.group_size,
+            config.sw_type, config.iterations, config.momentum, config.eps, 'newton',
+            config.process_group, config.sync)
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 class _SwitchWhitenFunction(torch.autograd.Function):
-    """Forward: moments pass, mixing step (no graph kept), whitening pass. Backward: the sums
-    pass, the mixing step recomputed from the saved moments (without touching the running
-    statistics) and differentiated, the ``dx`` pass. Saving moments rather than a graph
-    keeps ``retain_graph`` and activation checkpointing working like any other op."""
 
     @staticmethod
-    def forward(ctx, x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
-                num_batches_tracked, use_batch_stats, num_pergroup, sw_type, iterations,
-                momentum, eps, method, process_group, sync):
-        mean_iw, cov_iw = sw_moments(x, num_pergroup)
-        length = as_groups(x, num_pergroup).shape[3]
-        with gathered_parts([]) as gathered:  # (replayed by the backward's recomputation)
-            matrix, centre, shift = switch_whiten_coefficients(
-                mean_iw, cov_iw, length, mean_ratio, var_ratio, weight, bias, running_mean,
-                running_cov, num_batches_tracked, use_batch_stats, sw_type, iterations,
-                momentum, eps, method, process_group, sync, newton_inverse_sqrt)
-        ctx.gathered = gathered
-        y = sw_whiten(x, matrix, centre, shift, num_pergroup)
-        # eval reads the running statistics: keep them as they were for the backward
-        running = (None, None) if use_batch_stats else (running_mean.clone(), running_cov.clone())
-        ctx.save_for_backward(x, mean_ratio, var_ratio, weight, bias, mean_iw, cov_iw, *running)
-        ctx.options = (use_batch_stats, num_pergroup, sw_type, iterations, momentum, eps, method,
-                       process_group, sync)
+    def forward(ctx, x, mean_logit, var_logit, weight, bias, running_mean, running_cov,
+                num_batches_tracked, config: SWConfig):
+        running = None if running_mean is None else \
+            (running_mean, running_cov, num_batches_tracked)
+        y, *saved = sw_forward(
+            x, mean_logit, var_logit, weight, bias, running, config.use_batch_stats,
+            config.group_size, config.sw_type, config.iterations, config.momentum, config.eps,
+            config.logits, config.process_group, config.sync)
+        ctx.save_for_backward(x, mean_logit, var_logit, weight, bias, *saved)
+        ctx.config = config
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_ratio, var_ratio, weight, bias, mean_iw, cov_iw, running_mean, running_cov = \
-            ctx.saved_tensors
-        (use_batch_stats, group_size, sw_type, iterations, momentum, eps, method,
-         process_group, sync) = ctx.options
+        x, mean_logit, var_logit, weight, bias, *saved = ctx.saved_tensors
+        config = ctx.config
         needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference
-            inputs = (x, mean_ratio, var_ratio, weight, bias)
-            with torch.enable_grad():
-                y = switch_whiten_reference(
-                    x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov, None,
-                    use_batch_stats, group_size, sw_type, iterations, momentum, eps, method,
-                    process_group, sync)
-                wanted = [t for t, need in zip(inputs, needs) if need]
-                grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-            return tuple(next(grads) if need else None for need in needs) + (None,) * 12
-        with torch.enable_grad(), gathered_parts(ctx.gathered, replay=True):
-            leaves = [_leaf(mean_iw, needs[0]), _leaf(cov_iw, needs[0]),
-                      _leaf(mean_ratio, needs[1]), _leaf(var_ratio, needs[2]),
-                      _leaf(weight, needs[3]), _leaf(bias, needs[4])]
-            matrix, centre, shift = switch_whiten_coefficients(
-                leaves[0], leaves[1], as_groups(x, group_size).shape[3], *leaves[2:],
-                running_mean, running_cov, None, use_batch_stats, sw_type, iterations,
-                momentum, eps, method, process_group, sync, newton_inverse_sqrt)
-        dy = viewable(dy, lambda t: as_groups(t, group_size))  # (once for both passes)
-        outer, sum_dy = sw_grad_sums(x, dy, centre.detach(), group_size)
-        # y = M (x - centre) + shift: dM = sum dy (x - centre)^T, dcentre = -M^T sum dy
-        matrix_t = matrix.detach().transpose(-1, -2)
-        d_centre = -torch.matmul(matrix_t, sum_dy[..., None])[..., 0]
-        # the whole recomputed graph, not autograd.grad (which prunes to the leaves): a rank
-        # with an empty batch must still join the synchronized backward's all-reduce
-        pairs = [(t, g) for t, g in ((matrix, outer), (centre, d_centre), (shift, sum_dy))
-                 if t.requires_grad]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        dx = None
-        if needs[0]:
-            d_mean, d_cov = _grad_of(leaves[0]), _grad_of(leaves[1])
-            d_mean = torch.zeros_like(sum_dy) if d_mean is None else d_mean
-            d_cov = torch.zeros_like(outer) if d_cov is None else d_cov
-            moment, vector = sw_moments_input_coefficients(d_mean, d_cov,
-                                                           as_groups(x, group_size).shape[3])
-            dx = sw_grad_input(x, dy, matrix_t, moment, mean_iw, vector, group_size)
-        return (dx,) + tuple(_grad_of(leaf) for leaf in leaves[2:]) + (None,) * 12
+        if torch.is_grad_enabled():
+            grads = _reference_backward((x, mean_logit, var_logit, weight, bias), needs,
+                                        saved[2], dy, config)
+        else:
+            grads = sw_backward(dy, x, *saved, mean_logit, var_logit, weight,
+                                config.use_batch_stats, config.group_size, config.sw_type,
+                                config.iterations, config.eps, config.logits,
+                                config.process_group, config.sync, input_grad=needs[0])
+            grads = tuple(g if need else None for g, need in zip(grads, needs))
+        return grads + (None,) * 4
 
 
-def _switch_whiten_composed(x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
-                            num_batches_tracked, use_batch_stats, num_pergroup, sw_type,
-                            iterations, momentum, eps, method, process_group, sync):
-    """The traceable form: moments op, mixing step, whitening op, each differentiable."""
-    mean_iw, cov_iw = torch.ops.mmsn.sw_moments(x, num_pergroup)
-    matrix, centre, shift = switch_whiten_coefficients(
-        mean_iw, cov_iw, as_groups(x, num_pergroup).shape[3], mean_ratio, var_ratio, weight,
-        bias, running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type,
-        iterations, momentum, eps, method, process_group, sync, newton_inverse_sqrt)
-    return torch.ops.mmsn.sw_whiten(x, matrix, centre, shift, num_pergroup)
+# ------------------------------------------------------------------- torch.compile: custom ops
+
+def _empty_running(x: Tensor):
+    return (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32),
+            x.new_empty(0, dtype=torch.long))
 
 
-def switch_whiten_triton(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
+@torch.library.custom_op('mmsn::sw_forward', mutates_args=())
+def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_cov: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                   use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
+                   momentum: Optional[float], eps: float, logits: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                              Tensor, Tensor, Tensor]:
+    """``sw_forward`` without mutation: also returns the updated running statistics (the
+    caller copies them into the buffers), as custom ops with autograd may not mutate."""
+    if running_mean is None:
+        running = updated = None
+        new = _empty_running(x)
+    else:
+        running = (running_mean, running_cov, num_batches_tracked)
+        new = updated = tuple(None if t is None else t.clone() for t in running)
+        if num_batches_tracked is None:
+            new = updated = new[:2] + (x.new_zeros((), dtype=torch.long),)
+    outputs = sw_forward(x, mean_logit, var_logit, weight, bias, running, use_batch_stats,
+                         group_size, sw_type, iterations, momentum, eps, logits,
+                         updated=updated)
+    # (custom ops may not return an input or a view of one: the empty placeholders)
+    return tuple(t.clone() if t.numel() == 0 else t for t in outputs) + tuple(new)
+
+
+@_sw_forward_op.register_fake
+def _(x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_batches_tracked,
+      use_batch_stats, group_size, sw_type, iterations, momentum, eps, logits):
+    n, groups, c = x.shape[0], x.shape[1] // group_size, group_size
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    matrix = x.new_empty((n, groups, c, c), dtype=dtype)
+    vector = x.new_empty((n, groups, c), dtype=dtype)
+    extra = tuple(torch.empty_like(matrix) if c not in _NEWTON_IN_KERNEL else
+                  x.new_empty(0, dtype=dtype) for _ in range(2))
+    running = _empty_running(x) if running_mean is None else \
+        (torch.empty_like(running_mean), torch.empty_like(running_cov),
+         x.new_empty((), dtype=torch.long))
+    return (torch.empty_like(x), vector, torch.empty_like(matrix),
+            x.new_empty(groups * c + groups * c * c + 1, dtype=dtype), torch.empty_like(matrix),
+            torch.empty_like(vector)) + extra + running
+
+
+@torch.library.custom_op('mmsn::sw_backward', mutates_args=())
+def _sw_backward_op(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
+                    matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
+                    mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+                    use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
+                    eps: float, logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, d_mean_logit, d_var_logit, d_weight, d_bias = sw_backward(
+        dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit,
+        weight, use_batch_stats, group_size, sw_type, iterations, eps, logits)
+    if weight is None:
+        d_weight, d_bias = (x.new_empty(0, dtype=torch.float32) for _ in range(2))
+    return dx, d_mean_logit, d_var_logit, d_weight, d_bias
+
+
+@_sw_backward_op.register_fake
+def _(dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit, weight,
+      use_batch_stats, group_size, sw_type, iterations, eps, logits):
+    affine = (torch.empty_like(weight), torch.empty_like(weight)) if weight is not None else \
+        tuple(x.new_empty(0, dtype=torch.float32) for _ in range(2))
+    return (torch.empty_like(x), torch.empty_like(mean_logit), torch.empty_like(var_logit)
+            ) + affine
+
+
+def _sw_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], *output[1:8])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.config = SWConfig(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12],
+                          inputs[13], inputs[14])
+
+
+def _sw_op_backward(ctx, dy, *unused):
+    x, mean_logit, var_logit, weight, bias, *saved = ctx.saved_tensors
+    config = ctx.config
+    needs = ctx.needs_input_grad[:5]
+    if torch.is_grad_enabled():
+        grads = _reference_backward((x, mean_logit, var_logit, weight, bias), needs, saved[2],
+                                    dy, config)
+    else:
+        grads = torch.ops.mmsn.sw_backward(
+            dy, x, *saved, mean_logit, var_logit, weight, config.use_batch_stats,
+            config.group_size, config.sw_type, config.iterations, config.eps, config.logits)
+        grads = tuple(g if need else None for g, need in zip(grads, needs))
+    return grads + (None,) * 10
+
+
+_sw_forward_op.register_autograd(_sw_op_backward, setup_context=_sw_op_setup)
+
+
+def _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean, running_cov,
+                            num_batches_tracked, config: SWConfig):
+    outputs = torch.ops.mmsn.sw_forward(
+        x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_batches_tracked,
+        config.use_batch_stats, config.group_size, config.sw_type, config.iterations,
+        config.momentum, config.eps, config.logits)
+    if running_mean is not None and config.use_batch_stats:
+        for buffer, new in zip((running_mean, running_cov, num_batches_tracked), outputs[8:]):
+            if buffer is not None:
+                buffer.copy_(new.detach())
+    return outputs[0]
+
+
+def switch_whiten_triton(x: Tensor, mean_logit: Tensor, var_logit: Tensor,
                          weight: Optional[Tensor], bias: Optional[Tensor],
                          running_mean: Optional[Tensor], running_cov: Optional[Tensor],
                          num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
                          num_pergroup: int, sw_type: int, iterations: int,
                          momentum: Optional[float], eps: float, method: str = 'newton',
                          process_group: Optional[object] = None, sync: bool = False,
-                         composed: bool = False) -> Tensor:
+                         logits: bool = False, compiling: bool = False) -> Tensor:
     """Switchable Whitening on the Triton kernels; arguments as for
-    :func:`~mmsn.ops.reference.switch_whiten_reference`, plus ``composed`` (as for
-    :func:`~mmsn.ops.triton_switch_norm.switch_norm_triton`). ``num_pergroup`` must be one
-    of ``KERNEL_GROUP_SIZES``."""
+    :func:`~mmsn.ops.reference.switch_whiten_reference`, except that ``mean_logit`` and
+    ``var_logit`` are logits when ``logits`` (else ratios); ``compiling`` selects the custom
+    ops that torch.compile traces. ``num_pergroup`` must be one of ``KERNEL_GROUP_SIZES``
+    and ``method`` 'newton'."""
     if num_pergroup not in KERNEL_GROUP_SIZES:
         raise ValueError(f'num_pergroup: expected one of {KERNEL_GROUP_SIZES} for the Triton '
                          f'kernels, got {num_pergroup}')
-    apply = _switch_whiten_composed if composed else _SwitchWhitenFunction.apply
-    if not composed:  # (the ops make their own views; dynamo needs no try/except here)
+    if method != 'newton':
+        raise ValueError(f"method: the Triton kernels implement 'newton', got {method!r} "
+                         "(use the reference: MMSN_BACKEND=torch)")
+    if momentum is None and num_batches_tracked is None and running_mean is not None:
+        raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
+    if not compiling:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x, lambda t: as_groups(t, num_pergroup))
-    return apply(x, mean_ratio, var_ratio, weight, bias, running_mean, running_cov,
-                 num_batches_tracked, use_batch_stats, num_pergroup, sw_type, iterations,
-                 momentum, eps, method, process_group, sync)
+    config = SWConfig(use_batch_stats, num_pergroup, sw_type, iterations, momentum, eps,
+                      logits, process_group, sync)
+    if compiling and not (sync and sync_world_size(process_group) > 1):
+        return _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean,
+                                       running_cov, num_batches_tracked, config)
+    return _SwitchWhitenFunction.apply(x, mean_logit, var_logit, weight, bias, running_mean,
+                                       running_cov, num_batches_tracked, config)
