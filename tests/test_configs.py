@@ -130,6 +130,17 @@ def synthetic_batch(scope, num_classes, size=64):
     return dict(inputs=inputs, data_samples=samples)
 
 
+def training_loss(model, scope, num_classes):
+    """The (finite) loss of one training forward of ``model`` on a synthetic batch, and
+    the batch."""
+    batch = synthetic_batch(scope, num_classes)
+    model.train()
+    data = model.data_preprocessor(batch, True)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    assert torch.isfinite(loss)
+    return loss, batch
+
+
 @pytest.mark.parametrize('config', sorted(CONFIGS))
 def test_config_builds_steps_and_predicts(config):
     from mmengine.optim import build_optim_wrapper
@@ -150,12 +161,8 @@ def test_config_builds_steps_and_predicts(config):
         num_classes = cfg.model.roi_head.bbox_head.num_classes
     else:
         num_classes = cfg.model.decode_head.num_classes
-    batch = synthetic_batch(scope, num_classes)
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    model.train()
-    data = model.data_preprocessor(batch, True)
-    loss, _ = model.parse_losses(model(**data, mode='loss'))
-    assert torch.isfinite(loss)
+    loss, batch = training_loss(model, scope, num_classes)
     loss.backward()
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert grads and all(torch.isfinite(g).all() for g in grads.values())

@@ -2,6 +2,9 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
                           [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+                          [--norm SN|SyncSN|SW|SyncSW|GN|BN|SyncBN [--norm-heads]
+                           [--pretrained FILE | --no-pretrained] [--sw-layers NAME]]
+                          [--batch-size N]
 """
 import argparse
 import os
@@ -9,7 +12,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import build_runner, common_arguments  # noqa: E402
+from mmsn.mm.launch import build_runner, common_arguments, norm_arguments  # noqa: E402
 
 
 def parse_args():
@@ -20,6 +23,7 @@ def parse_args():
                         'the work dir when no path is given')
     parser.add_argument('--amp', action='store_true', help='mixed precision training')
     common_arguments(parser)
+    norm_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args

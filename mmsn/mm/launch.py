@@ -7,6 +7,7 @@ both fail without CUDA, so on the CPU the process group is created here (the Run
 its own ``init_dist``) and DDP is built without device ids.
 """
 import argparse
+import copy
 import os
 import os.path as osp
 
@@ -90,12 +91,76 @@ def prepare_config(cfg, args, mode: str):
     return cfg
 
 
+def norm_arguments(parser: argparse.ArgumentParser) -> None:
+    """tools/train.py's norm switch and batch-size options (``mmsn.mm.norm_switch``)."""
+    from .norm_switch import NORM_CHOICES
+    group = parser.add_argument_group('norm switch (any mmdet/mmseg config)')
+    group.add_argument('--norm', choices=NORM_CHOICES,
+                       help='rewrite every BatchNorm of the model to this norm (SW/SyncSW: '
+                       'the ResNet backbone at --sw-layers)')
+    group.add_argument('--norm-heads', action='store_true',
+                       help='also give heads and necks without a norm one')
+    group.add_argument('--sw-layers', default='imagenet', choices=['imagenet', 'segmentation'],
+                       help='SW placement for --norm SW/SyncSW')
+    pretrained = group.add_mutually_exclusive_group()
+    pretrained.add_argument('--pretrained', metavar='FILE',
+                            help='a converted checkpoint for the switched backbone')
+    pretrained.add_argument('--no-pretrained', action='store_true',
+                            help='train the switched backbone from scratch')
+    group.add_argument('--batch-size', type=int, metavar='N',
+                       help='images per process; the learning rate scales linearly from the '
+                       "config's total batch size")
+
+
+def _world_size(args) -> int:
+    return int(os.environ.get('WORLD_SIZE', '1')) if args.launcher != 'none' else 1
+
+
+def _log(line: str) -> None:
+    if os.environ.get('RANK', '0') == '0':
+        print(line, flush=True)
+
+
+def apply_norm_options(cfg, args):
+    """Applies ``--norm`` and ``--batch-size``; returns the model config as it was (for
+    :func:`report_switched_model`), or None without ``--norm``."""
+    from .norm_switch import scale_batch_size, switch_config_norm
+    original = None
+    if getattr(args, 'norm', None):
+        original = copy.deepcopy(cfg.model)
+        pretrained = 'none' if args.no_pretrained else (args.pretrained or 'auto')
+        report = switch_config_norm(cfg, args.norm, heads=args.norm_heads,
+                                    pretrained=pretrained, sw_layers=args.sw_layers,
+                                    work_dir=cfg.work_dir)
+        for line in report.lines():
+            _log(line)
+    if getattr(args, 'batch_size', None):
+        _log(scale_batch_size(cfg, args.batch_size, _world_size(args), args.config))
+    return original
+
+
+def report_switched_model(runner, original, norm: str) -> None:
+    """Checks the built model and prints its changed norm modules, one line per path."""
+    from mmengine.registry import MODELS
+    from .norm_switch import check_switched, module_changes
+    model = getattr(runner.model, 'module', runner.model)
+    check_switched(model, norm)
+    with MODELS.switch_scope_and_registry(runner.cfg.get('default_scope')) as registry:
+        before = registry.build(original)
+    lines = module_changes(before, model)
+    _log(f'--norm {norm}: {len(lines)} norm modules changed')
+    for line in lines:
+        _log(f'  {line}')
+
+
 def build_runner(args, mode: str):
     """Loads the config, applies the arguments and builds the (mmdet or mmseg) Runner."""
     from mmengine.config import Config
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     cfg = prepare_config(Config.fromfile(args.config), args, mode)
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    original = apply_norm_options(cfg, args) if mode == 'train' else None
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if original is not None:
+        report_switched_model(runner, original, args.norm)
+    return runner

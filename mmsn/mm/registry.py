@@ -1,6 +1,7 @@
 """Registration of the layers in mmengine's root MODELS registry."""
 from ..layers import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d,
                       SyncSparseSwitchNorm2d, SyncSwitchNorm, SyncSwitchWhiten2d)
+from ..layers.group_norm import AdaptiveGroupNorm
 
 #: Config type names, as mmcv names BN ('BN' = 'BN2d', 'BN1d', 'BN3d', 'SyncBN').
 LAYER_NAMES = {
@@ -13,6 +14,7 @@ LAYER_NAMES = {
     'SyncSSN': SyncSparseSwitchNorm2d,
     'SW': SwitchWhiten2d,
     'SyncSW': SyncSwitchWhiten2d,
+    'AutoGN': AdaptiveGroupNorm,  # GN with a group count per layer (the norm switch's GN)
 }
 
 

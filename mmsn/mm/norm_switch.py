@@ -1,0 +1,460 @@
+"""Switch the normalization of any mmdet / mmseg config (``tools/train.py --norm``).
+
+:func:`switch_config_norm` rewrites a loaded ``Config`` in place: every BatchNorm-family
+``norm_cfg`` of the model (backbone, neck, heads, auxiliary heads; values inherited from
+``_base_`` files are already merged into the model dict when the config is loaded) becomes
+the chosen norm, upstream's frozen-BN setup becomes what SN needs (``norm_eval=False``,
+trainable norms, no weight decay on norm parameters), heads without norms get one only
+when asked, and the backbone's pretrained weights are pointed at a converted checkpoint or
+dropped on request. It returns a report of every change and every thing left alone; it
+raises :class:`NormSwitchError`, before anything is trained, where it cannot rewrite the
+model safely. :func:`check_switched` then verifies the built model (no BatchNorm left
+where the switch should have reached), and :func:`module_changes` lists the norm modules
+that changed, one line per module path.
+
+:func:`scale_batch_size` is the ``--batch-size`` companion: per-process batch size with the
+learning rate scaled linearly from the config's own total batch size.
+"""
+import copy
+import dataclasses
+import importlib
+import inspect
+import os
+import os.path as osp
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+from urllib.parse import urlparse
+
+#: what ``--norm`` takes
+NORM_CHOICES = ('BN', 'SyncBN', 'GN', 'SN', 'SyncSN', 'SW', 'SyncSW')
+#: the BatchNorm family as mmcv, mmdet and mmseg name it in configs
+BN_TYPES = frozenset({'BN', 'BN1d', 'BN2d', 'BN3d', 'SyncBN', 'MMSyncBN', 'NaiveSyncBN',
+                      'naiveSyncBN'})
+#: ResNet backbones SW can be placed in (``SWResNet`` builds mmdet's / mmseg's ResNet)
+SW_BACKBONES = ('ResNet',)
+#: box heads without norms, and their norm-carrying variant (``--norm-heads``)
+NORM_HEAD_VARIANTS = {'Shared2FCBBoxHead': 'Shared4Conv1FCBBoxHead'}
+_LEARNED = ('GN', 'SN', 'SyncSN', 'SW', 'SyncSW')   # norms trained, not frozen
+
+
+class NormSwitchError(ValueError):
+    """The config cannot be switched safely; nothing should be trained from it."""
+
+
+@dataclasses.dataclass
+class NormSwitchReport:
+    """What :func:`switch_config_norm` did: ``changes`` as (config path, old, new) and
+    ``notes`` for what it decided or left alone."""
+    norm: str
+    changes: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    def lines(self) -> List[str]:
+        return ([f'--norm {self.norm}:'] + [f'  {path}: {old} -> {new}'
+                                             for path, old, new in self.changes]
+                + [f'  note: {note}' for note in self.notes])
+
+
+def _walk(node, path: str) -> Iterator[Tuple[str, dict]]:
+    """Every dict under ``node`` (depth first) with its dotted path."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from _walk(value, f'{path}.{index}')
+
+
+def _describe(norm_cfg) -> str:
+    return 'none' if norm_cfg is None else str(norm_cfg.get('type'))
+
+
+def _registry(cfg):
+    """The MODELS registry of the config's scope (mmdet or mmseg), its modules registered."""
+    scope = cfg.get('default_scope')
+    if scope not in ('mmdet', 'mmseg'):
+        raise NormSwitchError(f'default_scope: expected an mmdet or mmseg config, got '
+                              f'{scope!r}')
+    importlib.import_module(f'{scope}.models')
+    from .backbones import register_backbones
+    register_backbones(scope)
+    return importlib.import_module(f'{scope}.registry').MODELS
+
+
+def _norm_argument(registry, type_name):
+    """``(takes_norm_cfg, default)`` of the registered class: whether its ``__init__`` (or a
+    base's, through ``**kwargs``) takes ``norm_cfg``, and the default it gives it. None for
+    a type that is not a registered class."""
+    if not isinstance(type_name, str):
+        return None
+    try:
+        cls = registry.get(type_name)
+    except Exception:  # (a scope whose package is not installed)
+        return None
+    if cls is None or not inspect.isclass(cls):
+        return None
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        if 'norm_cfg' in params:
+            default = params['norm_cfg'].default
+            return True, None if default is inspect.Parameter.empty else default
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return False, None
+
+
+def _is_component(path: str) -> bool:
+    """Whether the dict at ``path`` is a model component that the registry builds (the
+    backbone, a neck, a head), not an argument its parent completes (e.g. ``upsample_cfg``,
+    to which the parent passes its own ``norm_cfg``)."""
+    key = next(part for part in reversed(path.split('.')) if not part.isdigit())
+    return key in ('backbone', 'neck') or key.endswith('head')
+
+
+def _norm_of(registry, node: dict, path: str):
+    """The ``norm_cfg`` a config dict builds with (its own, or for a component its class's
+    default), and whether its class takes one at all (None: unknown)."""
+    argument = _norm_argument(registry, node.get('type'))
+    if 'norm_cfg' in node:
+        return True if argument is None else argument[0], node['norm_cfg']
+    if argument is None or not _is_component(path):
+        return None, None
+    return argument
+
+
+def target_norm_cfg(norm: str, old: Optional[dict] = None) -> dict:
+    """The ``norm_cfg`` that replaces ``old`` for ``--norm norm`` (always trainable)."""
+    if norm not in NORM_CHOICES:
+        raise ValueError(f'norm: expected one of {NORM_CHOICES}, got {norm!r}')
+    if norm == 'GN':
+        return dict(type='AutoGN', num_groups=32, requires_grad=True)
+    return dict(type=norm, requires_grad=True)
+
+
+def switch_config_norm(cfg, norm: str, heads: bool = False, pretrained: str = 'auto',
+                       sw_layers: str = 'imagenet',
+                       work_dir: Optional[str] = None) -> NormSwitchReport:
+    """Rewrites ``cfg`` (an mmengine ``Config`` of an mmdet or mmseg model) in place.
+
+    Args:
+        cfg: the loaded config.
+        norm (str): one of ``NORM_CHOICES``. BN and SyncBN both become ``norm`` (SN:
+            'SN', SyncSN: 'SyncSN', GN: ``AutoGN`` with 32 groups or the largest divisor
+            of the width below 32); SW/SyncSW replace the norms of the ResNet backbone at
+            ``sw_layers`` (``SWResNet``) and leave the other norms as they are.
+        heads (bool): give heads and necks that have no norm one (``Shared2FCBBoxHead``
+            becomes ``Shared4Conv1FCBBoxHead``).
+        pretrained (str): 'auto' (SN/SW: the upstream BN ImageNet checkpoint converted
+            through ``sn2mm``'s BN path, from the local cache; BN/SyncBN: unchanged),
+            'none' (train from scratch) or the path of a converted checkpoint.
+        sw_layers (str): SW placement ('imagenet' or 'segmentation', see SWResNet).
+        work_dir (str, optional): where converted checkpoints go (default: the config's
+            work_dir).
+
+    Returns:
+        NormSwitchReport: every change and every thing left alone.
+
+    Raises:
+        NormSwitchError: the model cannot be switched safely (nothing to switch, a backbone
+        without a ``norm_cfg`` argument, SW on a non-ResNet backbone, pretrained weights
+        that are needed but cannot be found or converted).
+    """
+    if norm not in NORM_CHOICES:
+        raise ValueError(f'norm: expected one of {NORM_CHOICES}, got {norm!r}')
+    registry = _registry(cfg)
+    model = cfg.model
+    report = NormSwitchReport(norm)
+    backbone = model.get('backbone')
+    if norm in ('SW', 'SyncSW'):
+        _place_whitening(backbone, norm, sw_layers, report)
+    else:
+        _switch_norm_cfgs(model, registry, norm, report)
+    if norm in _LEARNED:
+        for path, node in _walk(model, 'model'):
+            if node.get('norm_eval'):
+                node['norm_eval'] = False
+                report.changes.append((f'{path}.norm_eval', 'True', 'False'))
+        _no_norm_decay(cfg, report)
+    if heads:
+        _add_head_norms(model, registry, norm, report)
+    else:
+        for path, node in _walk(model, 'model'):
+            if path.startswith('model.backbone'):
+                continue
+            takes, norm_cfg = _norm_of(registry, node, path)
+            if node.get('type') in NORM_HEAD_VARIANTS or (takes and norm_cfg is None):
+                report.notes.append(f'{path} ({node["type"]}) has no norm: left so '
+                                    '(--norm-heads adds one)')
+    _set_pretrained(cfg, norm, pretrained, sw_layers, work_dir, report)
+    return report
+
+
+def _switch_norm_cfgs(model, registry, norm: str, report: NormSwitchReport) -> None:
+    backbone = model.get('backbone')
+    if backbone is not None:
+        takes, _ = _norm_of(registry, backbone, 'model.backbone')
+        if takes is None:
+            raise NormSwitchError(
+                f'model.backbone: type {backbone.get("type")!r} is unknown to the '
+                f'{registry.scope} registry here, so whether its norms follow norm_cfg '
+                'cannot be told')
+        if takes is False:
+            raise NormSwitchError(
+                f'model.backbone ({backbone.get("type")}) takes no norm_cfg argument: its '
+                f'norms cannot be switched to {norm} from the config')
+    switched = 0
+    for path, node in _walk(model, 'model'):
+        takes, norm_cfg = _norm_of(registry, node, path)
+        if not takes or not isinstance(norm_cfg, dict):
+            continue
+        kind = norm_cfg.get('type')
+        if kind in BN_TYPES:
+            node['norm_cfg'] = target_norm_cfg(norm, norm_cfg)
+            default = '' if 'norm_cfg' in node else ' (its default)'
+            report.changes.append((f'{path}.norm_cfg', _describe(norm_cfg) + default,
+                                   _describe(node['norm_cfg'])))
+            switched += 1
+        else:
+            report.notes.append(f'{path}.norm_cfg ({kind}) is not a BatchNorm: left alone')
+    if norm == 'GN' and switched:
+        report.notes.append('GN: 32 groups per layer, or the largest divisor of its width '
+                            'below 32 where 32 does not divide it (listed when built)')
+    if not switched:
+        raise NormSwitchError(f'--norm {norm}: the model has no BatchNorm-family norm_cfg '
+                              '(nothing to switch)')
+
+
+def _place_whitening(backbone, norm: str, sw_layers: str, report: NormSwitchReport) -> None:
+    kind = None if backbone is None else backbone.get('type')
+    if kind not in SW_BACKBONES or backbone.get('deep_stem'):
+        raise NormSwitchError(
+            f'--norm {norm}: SW goes into a ResNet backbone at a named placement (SWResNet); '
+            f'model.backbone is {kind!r}' + (' with a deep stem' if kind in SW_BACKBONES else ''))
+    backbone['type'] = 'SWResNet'
+    backbone['sw_cfg'] = dict(type=norm, sw_type=2, num_pergroup=16)
+    backbone['sw_layers'] = sw_layers
+    norm_cfg = backbone.get('norm_cfg') or dict(type='BN')
+    backbone['norm_cfg'] = dict(norm_cfg, requires_grad=True)
+    report.changes.append(('model.backbone.type', kind, f'SWResNet (sw_layers={sw_layers!r}, '
+                           f'{norm} with sw_type=2, 16 channels per group)'))
+    report.notes.append(f'the other norms keep {_describe(norm_cfg)}, trainable')
+
+
+def _no_norm_decay(cfg, report: NormSwitchReport) -> None:
+    wrapper = cfg.get('optim_wrapper')
+    if wrapper is None:
+        return
+    paramwise = wrapper.get('paramwise_cfg') or {}
+    old = paramwise.get('norm_decay_mult')
+    if old != 0:
+        wrapper['paramwise_cfg'] = dict(paramwise, norm_decay_mult=0.0)
+        report.changes.append(('optim_wrapper.paramwise_cfg.norm_decay_mult', str(old), '0.0'))
+
+
+def _add_head_norms(model, registry, norm: str, report: NormSwitchReport) -> None:
+    head_cfg = target_norm_cfg('SN' if norm in ('SW', 'SyncSW') else norm)
+    if norm == 'SyncSW':
+        head_cfg = target_norm_cfg('SyncSN')
+    for path, node in _walk(model, 'model'):
+        if path.startswith('model.backbone'):
+            continue
+        if node.get('type') in NORM_HEAD_VARIANTS:
+            old = node['type']
+            node['type'] = NORM_HEAD_VARIANTS[old]
+            report.changes.append((f'{path}.type', old, node['type']))
+        takes, norm_cfg = _norm_of(registry, node, path)
+        if takes and norm_cfg is None:
+            node['norm_cfg'] = copy.deepcopy(head_cfg)
+            report.changes.append((f'{path}.norm_cfg ({node["type"]})', 'none',
+                                   _describe(head_cfg)))
+
+
+def _checkpoint_url(spec: str) -> str:
+    """The http(s) URL behind mmengine's ``torchvision://`` / ``open-mmlab://`` names."""
+    from mmengine.runner.checkpoint import get_external_models, get_torchvision_models
+    if spec.startswith(('torchvision://', 'modelzoo://')):
+        try:
+            import torchvision  # noqa: F401  (mmengine reads its URL table)
+        except ImportError:
+            raise NormSwitchError(f'pretrained: {spec!r} names a torchvision model, and '
+                                  'torchvision is not installed') from None
+    for prefix, table in (('torchvision://', get_torchvision_models),
+                          ('open-mmlab://', get_external_models),
+                          ('openmmlab://', get_external_models)):
+        if spec.startswith(prefix):
+            urls = table()
+            name = spec[len(prefix):]
+            if name not in urls:
+                raise NormSwitchError(f'pretrained: mmengine knows no {spec!r}')
+            return urls[name]
+    return spec
+
+
+def local_checkpoint(spec: str) -> str:
+    """Where ``spec`` (a path, an URL or an mmengine model name) is on this machine: the
+    file itself, or torch's hub cache, where mmengine downloads it."""
+    url = _checkpoint_url(spec)
+    if not url.startswith(('http://', 'https://')):
+        return url
+    import torch
+    return osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(url).path))
+
+
+def _set_pretrained(cfg, norm: str, pretrained: str, sw_layers: str,
+                    work_dir: Optional[str], report: NormSwitchReport) -> None:
+    model = cfg.model
+    backbone = model.get('backbone') or {}
+    init_cfg = backbone.get('init_cfg')
+    upstream = model.get('pretrained')
+    if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+        upstream = init_cfg.get('checkpoint')
+    if pretrained == 'none':
+        if upstream is not None:
+            backbone['init_cfg'] = None
+            if model.get('pretrained') is not None:
+                model['pretrained'] = None
+            report.changes.append(('model.backbone pretrained weights', str(upstream),
+                                   'none (--no-pretrained: trained from scratch)'))
+        return
+    if pretrained != 'auto':  # an already converted checkpoint
+        if not osp.isfile(pretrained):
+            raise NormSwitchError(f'--pretrained: {pretrained!r} does not exist')
+        _point_backbone_at(model, backbone, pretrained, report, str(upstream))
+        return
+    if norm in ('BN', 'SyncBN') or upstream is None:
+        return
+    if norm == 'GN':
+        raise NormSwitchError(
+            f'--norm GN: the backbone starts from {upstream!r}, a BN model, and GN has no '
+            'conversion from it; pass --pretrained FILE (a GN ImageNet checkpoint for this '
+            'backbone) or --no-pretrained to train from scratch')
+    if backbone.get('deep_stem') or backbone.get('type') in ('ResNetV1c', 'ResNetV1d'):
+        raise NormSwitchError(
+            f'--norm {norm}: the backbone ({backbone.get("type")}) has a deep stem, which '
+            f'the converter refuses (no such SN/SW ImageNet model is released); pass '
+            f'--pretrained FILE (a converted checkpoint for this backbone) or --no-pretrained')
+    source = local_checkpoint(str(upstream))
+    if not osp.isfile(source):
+        raise NormSwitchError(
+            f'--norm {norm}: the backbone starts from {upstream!r}, expected on this machine '
+            f'at {source} (run once where it can download, or copy it there); or pass '
+            f'--pretrained FILE (a converted checkpoint) or --no-pretrained')
+    from ..converters.resnet import convert_checkpoint
+    out_dir = osp.join(work_dir or cfg.get('work_dir') or '.', 'pretrained')
+    stem = osp.splitext(osp.basename(source))[0]
+    target = osp.join(out_dir, f'{stem}_{norm.lower()}.pth')
+    if not osp.isfile(target):
+        os.makedirs(out_dir, exist_ok=True)
+        partial = f'{target}.{os.getpid()}'  # (every process converts; one replace wins)
+        convert_checkpoint(source, partial, sw_layers=sw_layers if 'SW' in norm else None,
+                           log=lambda line: None)
+        os.replace(partial, target)
+    report.notes.append(f'{source} (BN) converted to {target} through sn2mm\'s BN path '
+                        '(uniform ratios, BN statistics as the running statistics)')
+    _point_backbone_at(model, backbone, target, report, str(upstream))
+
+
+def _point_backbone_at(model, backbone, checkpoint: str, report: NormSwitchReport,
+                       old: str) -> None:
+    backbone['init_cfg'] = dict(type='StrictPretrained', checkpoint=checkpoint)
+    if model.get('pretrained') is not None:
+        model['pretrained'] = None
+    report.changes.append(('model.backbone.init_cfg', old, f'StrictPretrained({checkpoint})'))
+
+
+def norm_modules(model) -> Dict[str, str]:
+    """``{module path: class name}`` of every normalization layer of ``model``."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from ..layers import SwitchableLayer
+    kinds = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+             SwitchableLayer)
+    return {name: type(module).__name__ for name, module in model.named_modules()
+            if isinstance(module, kinds)}
+
+
+_NORM_NAME = re.compile(r'(^|\.)(?:bn|sn|ssn|sw|gn|ln|in|norm)(\d*)$')
+
+
+def _slot(path: str) -> str:
+    """A norm's place independent of the abbreviation its type gives its name
+    (``layer1.0.bn1`` and ``layer1.0.sn1`` are the same slot)."""
+    return _NORM_NAME.sub(r'\1norm\2', path)
+
+
+def module_changes(before, after) -> List[str]:
+    """One line per norm module that changed between two builds of a model
+    (``path: old type -> new type``, the path as in ``after``); GN layers whose group count
+    is not 32 say so."""
+    old = {_slot(path): kind for path, kind in norm_modules(before).items()}
+    modules = dict(after.named_modules())
+    lines, seen = [], set()
+    for path, kind in norm_modules(after).items():
+        seen.add(_slot(path))
+        if old.get(_slot(path)) == kind:
+            continue
+        line = f'{path}: {old.get(_slot(path), "none")} -> {kind}'
+        groups = getattr(modules[path], 'num_groups', None)
+        if groups is not None and groups != getattr(modules[path], 'preferred_groups', groups):
+            line += f' ({groups} groups for {modules[path].num_channels} channels)'
+        lines.append(line)
+    lines += [f'{slot}: {kind} -> none' for slot, kind in old.items() if slot not in seen]
+    return lines
+
+
+def check_switched(model, norm: str) -> None:
+    """Raises :class:`NormSwitchError` when BatchNorm layers remain in a model switched to
+    SN, SyncSN or GN (a module that builds its norms without the config's ``norm_cfg``)."""
+    if norm not in ('SN', 'SyncSN', 'GN'):
+        return
+    left = [path for path, kind in norm_modules(model).items() if 'BatchNorm' in kind]
+    if left:
+        raise NormSwitchError(f'--norm {norm}: {len(left)} BatchNorm layers are built without '
+                              f'the config\'s norm_cfg and would stay BatchNorm: '
+                              f'{", ".join(left[:8])}' + (' ...' if len(left) > 8 else ''))
+
+
+_PROCESSES_IN_NAME = re.compile(r'_(\d+)xb(\d+)[-_]')
+
+
+def base_batch_size(cfg, config_name: str = '') -> Tuple[int, str]:
+    """The config's own total batch size, and where it came from:
+    ``auto_scale_lr.base_batch_size``, else its dataloader batch size times the process
+    count its name states (e.g. ``4xb4``)."""
+    base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
+    if base is not None:
+        return base, 'auto_scale_lr.base_batch_size'
+    per_process = cfg.train_dataloader.batch_size
+    match = _PROCESSES_IN_NAME.search(osp.basename(config_name) + '_')
+    if match is None:
+        raise ValueError(f'--batch-size: the config has no auto_scale_lr.base_batch_size and '
+                         f'its name {osp.basename(config_name)!r} states no process count '
+                         '(e.g. 4xb4): its total batch size is unknown')
+    return (int(match.group(1)) * per_process,
+            f'{match.group(1)} processes (name) x {per_process}')
+
+
+def scale_batch_size(cfg, batch_size: int, world_size: int,
+                     config_name: str = '') -> str:
+    """Sets the per-process training batch size and scales the learning rate linearly from
+    the config's own total batch size (:func:`base_batch_size`).
+
+    Returns:
+        str: what it did, for the log.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size: expected a positive int, got {batch_size!r}')
+    base, how = base_batch_size(cfg, config_name)
+    total = batch_size * world_size
+    optimizer = cfg.optim_wrapper.optimizer
+    old_lr = optimizer.lr
+    optimizer.lr = old_lr * total / base
+    cfg.train_dataloader.batch_size = batch_size
+    if cfg.get('auto_scale_lr') is not None:
+        cfg.auto_scale_lr.enable = False  # scaled here, once
+    return (f'--batch-size {batch_size}: {world_size} x {batch_size} = {total} images per '
+            f'step (config: {base}, from {how}); lr {old_lr:g} -> {optimizer.lr:g}')
