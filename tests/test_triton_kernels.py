@@ -201,6 +201,30 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
     compare(layer, x, torch.float32, monkeypatch, train=case != '1x1-N1')
 
 
+@pytest.mark.parametrize('which', ['weight', 'bias'])
+def test_sw_weight_and_bias_are_independent(which, monkeypatch):
+    """The functional op with only one of the affine parameters (the layers have both or
+    neither): the kernels must neither drop the bias nor read a shift that is not there."""
+    from mmsn.ops import switch_whiten
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, 3, 4, generator=g)
+    param = torch.rand(32, generator=g) + 0.5 if which == 'weight' else torch.randn(32, generator=g)
+    logits = torch.randn(2, generator=g)
+    results = {}
+    for backend in ('torch', 'triton'):
+        monkeypatch.setenv('MMSN_BACKEND', backend)
+        xi, p = x.clone().requires_grad_(), param.clone().requires_grad_()
+        y = switch_whiten(xi, logits, logits, weight=p if which == 'weight' else None,
+                          bias=p if which == 'bias' else None, running_mean=None,
+                          running_cov=None, num_batches_tracked=None, use_batch_stats=True,
+                          num_pergroup=16, sw_type=2, iterations=5, momentum=0.1, eps=1e-5,
+                          logits=True)
+        y.backward(torch.ones_like(y) + x)
+        results[backend] = (y.detach(), xi.grad, p.grad)
+    for got, want in zip(results['triton'], results['torch']):
+        assert_match(got, want, torch.float32, which)
+
+
 def test_backend_dispatch(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv('MMSN_BACKEND', raising=False)
@@ -275,6 +299,7 @@ def _op_cases():
         return (torch.randn_like(t), t) + saved + forward[1:4] + (True, 1e-5, True)
 
     x32 = torch.randn(2, 64, 3, 2, generator=g)
+    x64 = torch.randn(2, 64, 2, 2, generator=g)
 
     def sw_forward_args(t, train, per_group, affine=True, sw_type=5):
         c, groups = t.shape[1], t.shape[1] // per_group
@@ -286,7 +311,7 @@ def _op_cases():
     def sw_backward_args(t, per_group):
         forward = sw_forward_args(t, True, per_group)
         saved = torch.ops.mmsn.sw_forward(*forward)[1:8]
-        return (torch.randn_like(t), t) + saved + forward[1:4] + (True, per_group, 5, 5, 1e-5,
+        return (torch.randn_like(t), t) + saved + forward[1:5] + (True, per_group, 5, 5, 1e-5,
                                                                   True)
 
     return [
@@ -296,6 +321,7 @@ def _op_cases():
         ('sw_forward', sw_forward_args(cl, True, 16)), ('sw_forward', sw_forward_args(x32, False, 16)),
         ('sw_forward', sw_forward_args(cl, True, 32, affine=False)),
         ('sw_backward', sw_backward_args(cl, 16)), ('sw_backward', sw_backward_args(x32, 32)),
+        ('sw_forward', sw_forward_args(x64, True, 64, affine=False)),
     ]
 
 

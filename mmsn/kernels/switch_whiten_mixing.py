@@ -311,8 +311,9 @@ def _sw_mix_kernel(
         tracked_ptr, new_tracked_ptr,       # () int64 num_batches_tracked, and its update
         matrix_ptr, centre_ptr, shift_ptr,  # (N, G, c, c), (N, G, c), (N, G, c) out
         N, G, eps,
-        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, BATCH: tl.constexpr,
-        UPDATE: tl.constexpr, NEWTON: tl.constexpr, ITERATIONS: tl.constexpr,
+        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, BIAS: tl.constexpr,
+        BATCH: tl.constexpr, UPDATE: tl.constexpr, NEWTON: tl.constexpr,
+        ITERATIONS: tl.constexpr,
         C_PER: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     instance = tl.program_id(0)
     rows, square = _offsets(C_PER)
@@ -345,7 +346,7 @@ def _sw_mix_kernel(
         else:
             matrix = mixed
         shift = tl.zeros((C_PER,), dtype=ACC)
-        if AFFINE:
+        if BIAS:
             shift = tl.load(bias_ptr + g * C_PER + rows).to(ACC)
         tl.store(matrix_ptr + at * C_PER * C_PER + square, matrix)
         tl.store(centre_ptr + at * C_PER + rows, mean)
@@ -432,8 +433,8 @@ def _sw_batch_backward_kernel(
         d_weight_ptr, d_bias_ptr,           # (C,) out
         d_mean_logit_ptr, d_var_logit_ptr,  # (K,) out
         N, G, S,
-        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, BATCH: tl.constexpr,
-        C_PER: tl.constexpr, ACC: tl.constexpr):
+        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, BIAS: tl.constexpr,
+        BATCH: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr):
     g = tl.program_id(0)
     rows, square = _offsets(C_PER)
     p = _ratios(mean_logit_ptr, K, LOGITS, ACC)
@@ -463,6 +464,7 @@ def _sw_batch_backward_kernel(
     tl.store(grad_batch_ptr + G * C_PER + g * C_PER * C_PER + square, d_cov)
     if AFFINE:
         tl.store(d_weight_ptr + g * C_PER + rows, d_gamma.to(d_weight_ptr.dtype.element_ty))
+    if BIAS:
         tl.store(d_bias_ptr + g * C_PER + rows, d_beta.to(d_bias_ptr.dtype.element_ty))
     if g == 0:  # the ratios: over every instance, in a fixed order
         k = tl.arange(0, 8)

@@ -507,7 +507,8 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     launch(_sw_mix_kernel, (max(n * groups, 1),), mean, cov, *source, batch, mean_logit,
            var_logit, batch if weight is None else weight, batch if bias is None else bias,
            running[2], updated[2], matrix, centre, shift, n, groups, eps, K=sw_type,
-           LOGITS=logits, AFFINE=weight is not None, BATCH=use_batch_stats, UPDATE=update,
+           LOGITS=logits, AFFINE=weight is not None, BIAS=bias is not None,
+           BATCH=use_batch_stats, UPDATE=update,
            NEWTON=newton, ITERATIONS=iterations, PRECISION='ieee', **common)
     mixed = whitening = batch[:0]
     if not newton:  # the kernel wrote the mixed covariance
@@ -521,9 +522,10 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
 def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
                 matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
                 mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
-                use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
-                eps: float, logits: bool = True, process_group: Optional[object] = None,
-                sync: bool = False, input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
+                bias: Optional[Tensor], use_batch_stats: bool, group_size: int, sw_type: int,
+                iterations: int, eps: float, logits: bool = True,
+                process_group: Optional[object] = None, sync: bool = False,
+                input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
     """SW backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
     product (per instance, per group, per instance; synchronized layers all-reduce the BW
     moments' gradients in between), the ``dx`` pass. The saved tensors as
@@ -531,7 +533,7 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
 
     Returns:
         tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_logit``,
-        ``var_logit``, ``weight`` and ``bias`` (None without affine parameters).
+        ``var_logit``, ``weight`` and ``bias`` (None for a missing parameter).
     """
     from ..kernels.switch_whiten_mixing import (PARTIALS, _sw_batch_backward_kernel,
                                                 _sw_input_coefficients_kernel,
@@ -564,12 +566,12 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
             launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=2, **options)
     grad_batch = x.new_empty(groups * c + groups * c * c, dtype=dtype)
     d_mean_logit, d_var_logit = torch.empty_like(mean_logit), torch.empty_like(var_logit)
-    d_weight, d_bias = (torch.empty_like(weight), torch.empty_like(weight)) if affine else \
-        (None, None)
+    d_weight = torch.empty_like(weight) if affine else None
+    d_bias = torch.empty_like(bias) if bias is not None else None
     launch(_sw_batch_backward_kernel, (groups,), d_cov, d_centre, d_gamma, sums_dy, partial,
            mean_logit, var_logit, grad_batch, batch if d_weight is None else d_weight,
            batch if d_bias is None else d_bias, d_mean_logit, d_var_logit, n, groups, splits,
-           AFFINE=affine, BATCH=use_batch_stats, **common)
+           AFFINE=affine, BIAS=bias is not None, BATCH=use_batch_stats, **common)
     if sync and use_batch_stats and sync_world_size(process_group) > 1:
         torch.distributed.all_reduce(grad_batch, group=process_group)
     dx = None

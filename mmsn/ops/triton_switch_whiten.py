@@ -82,7 +82,7 @@ class _SwitchWhitenFunction(torch.autograd.Function):
             grads = _reference_backward((x, mean_logit, var_logit, weight, bias), needs,
                                         saved[2], dy, config)
         else:
-            grads = sw_backward(dy, x, *saved, mean_logit, var_logit, weight,
+            grads = sw_backward(dy, x, *saved, mean_logit, var_logit, weight, bias,
                                 config.use_batch_stats, config.group_size, config.sw_type,
                                 config.iterations, config.eps, config.logits,
                                 config.process_group, config.sync, input_grad=needs[0])
@@ -118,8 +118,13 @@ def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Opt
     outputs = sw_forward(x, mean_logit, var_logit, weight, bias, running, use_batch_stats,
                          group_size, sw_type, iterations, momentum, eps, logits,
                          updated=updated)
-    # (custom ops may not return an input or a view of one: the empty placeholders)
-    return tuple(t.clone() if t.numel() == 0 else t for t in outputs) + tuple(new)
+    # (custom ops may not return an input, a view of one, or one tensor twice: the empty
+    # placeholders, and at 64 per group without weight the matrix that is the whitening)
+    distinct, seen = [], set()
+    for t in outputs:
+        distinct.append(t.clone() if t.numel() == 0 or id(t) in seen else t)
+        seen.add(id(t))
+    return tuple(distinct) + tuple(new)
 
 
 @_sw_forward_op.register_fake
@@ -143,21 +148,22 @@ def _(x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_bat
 def _sw_backward_op(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
                     matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
                     mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
-                    use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
-                    eps: float, logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    bias: Optional[Tensor], use_batch_stats: bool, group_size: int,
+                    sw_type: int, iterations: int, eps: float, logits: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, d_mean_logit, d_var_logit, d_weight, d_bias = sw_backward(
         dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit,
-        weight, use_batch_stats, group_size, sw_type, iterations, eps, logits)
-    if weight is None:
-        d_weight, d_bias = (x.new_empty(0, dtype=torch.float32) for _ in range(2))
-    return dx, d_mean_logit, d_var_logit, d_weight, d_bias
+        weight, bias, use_batch_stats, group_size, sw_type, iterations, eps, logits)
+    empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731
+    return (dx, d_mean_logit, d_var_logit, empty() if d_weight is None else d_weight,
+            empty() if d_bias is None else d_bias)
 
 
 @_sw_backward_op.register_fake
 def _(dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit, weight,
-      use_batch_stats, group_size, sw_type, iterations, eps, logits):
-    affine = (torch.empty_like(weight), torch.empty_like(weight)) if weight is not None else \
-        tuple(x.new_empty(0, dtype=torch.float32) for _ in range(2))
+      bias, use_batch_stats, group_size, sw_type, iterations, eps, logits):
+    affine = tuple(x.new_empty(0, dtype=torch.float32) if p is None else torch.empty_like(p)
+                   for p in (weight, bias))
     return (torch.empty_like(x), torch.empty_like(mean_logit), torch.empty_like(var_logit)
             ) + affine
 
@@ -178,7 +184,7 @@ def _sw_op_backward(ctx, dy, *unused):
                                     dy, config)
     else:
         grads = torch.ops.mmsn.sw_backward(
-            dy, x, *saved, mean_logit, var_logit, weight, config.use_batch_stats,
+            dy, x, *saved, mean_logit, var_logit, weight, bias, config.use_batch_stats,
             config.group_size, config.sw_type, config.iterations, config.eps, config.logits)
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     return grads + (None,) * 10
@@ -219,7 +225,8 @@ def switch_whiten_triton(x: Tensor, mean_logit: Tensor, var_logit: Tensor,
     if method != 'newton':
         raise ValueError(f"method: the Triton kernels implement 'newton', got {method!r} "
                          "(use the reference: MMSN_BACKEND=torch)")
-    if momentum is None and num_batches_tracked is None and running_mean is not None:
+    if (momentum is None and num_batches_tracked is None and running_mean is not None
+            and use_batch_stats):
         raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
     if not compiling:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x, lambda t: as_groups(t, num_pergroup))
