@@ -112,12 +112,24 @@ def norm_arguments(parser: argparse.ArgumentParser) -> None:
                        "config's total batch size")
 
 
+#: where each launcher puts the process count and this process's rank (before mmengine's
+#: init_dist, which sets WORLD_SIZE and RANK for slurm and mpi itself, has run)
+_LAUNCHER_ENV = {'pytorch': ('WORLD_SIZE', 'RANK'), 'slurm': ('SLURM_NTASKS', 'SLURM_PROCID'),
+                 'mpi': ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK')}
+
+
 def _world_size(args) -> int:
-    return int(os.environ.get('WORLD_SIZE', '1')) if args.launcher != 'none' else 1
+    if args.launcher == 'none':
+        return 1
+    return int(os.environ.get(_LAUNCHER_ENV[args.launcher][0], '1'))
+
+
+def _is_first_process() -> bool:
+    return all(os.environ.get(rank, '0') == '0' for _, rank in _LAUNCHER_ENV.values())
 
 
 def _log(line: str) -> None:
-    if os.environ.get('RANK', '0') == '0':
+    if _is_first_process():
         print(line, flush=True)
 
 
@@ -126,6 +138,11 @@ def apply_norm_options(cfg, args):
     :func:`report_switched_model`), or None without ``--norm``."""
     from .norm_switch import scale_batch_size, switch_config_norm
     original = None
+    given = [flag for flag, value in (('--norm-heads', args.norm_heads),
+                                      ('--pretrained', args.pretrained),
+                                      ('--no-pretrained', args.no_pretrained)) if value]
+    if given and not args.norm:
+        raise ValueError(f'{", ".join(given)}: expected with --norm, got no --norm')
     if getattr(args, 'norm', None):
         original = copy.deepcopy(cfg.model)
         pretrained = 'none' if args.no_pretrained else (args.pretrained or 'auto')
@@ -145,6 +162,8 @@ def report_switched_model(runner, original, norm: str) -> None:
     from .norm_switch import check_switched, module_changes
     model = getattr(runner.model, 'module', runner.model)
     check_switched(model, norm)
+    if not _is_first_process():
+        return  # (one process prints)
     with MODELS.switch_scope_and_registry(runner.cfg.get('default_scope')) as registry:
         before = registry.build(original)
     lines = module_changes(before, model)

@@ -126,13 +126,31 @@ def _norm_of(registry, node: dict, path: str):
     return argument
 
 
+#: the dimension suffix of the BatchNorm types that have one
+_BN_DIMENSION = {'BN1d': '1d', 'BN3d': '3d'}
+
+
 def target_norm_cfg(norm: str, old: Optional[dict] = None) -> dict:
-    """The ``norm_cfg`` that replaces ``old`` for ``--norm norm`` (always trainable)."""
+    """The ``norm_cfg`` that replaces ``old`` for ``--norm norm``: always trainable, with
+    ``old``'s eps and momentum (its other options too for the BN baselines) and its
+    dimension (``BN1d`` -> ``SN1d``)."""
     if norm not in NORM_CHOICES:
         raise ValueError(f'norm: expected one of {NORM_CHOICES}, got {norm!r}')
+    old = dict(old or {})
+    kind = old.pop('type', 'BN')
+    old.pop('requires_grad', None)
+    dimension = _BN_DIMENSION.get(kind, '')
+    if dimension and norm not in ('BN', 'SN', 'SyncBN', 'GN'):  # (the last two: any dims)
+        raise NormSwitchError(f'--norm {norm}: a {kind} layer has no {norm} counterpart '
+                              f'(SN has SN{dimension}, BN has {kind})')
     if norm == 'GN':
-        return dict(type='AutoGN', num_groups=32, requires_grad=True)
-    return dict(type=norm, requires_grad=True)
+        kept = {k: v for k, v in old.items() if k == 'eps'}
+        return dict(type='AutoGN', num_groups=32, requires_grad=True, **kept)
+    if norm in ('BN', 'SyncBN'):
+        return dict(old, type=f'BN{dimension}' if norm == 'BN' and dimension else norm,
+                    requires_grad=True)
+    kept = {k: v for k, v in old.items() if k in ('eps', 'momentum')}
+    return dict(type=f'{norm}{dimension}', requires_grad=True, **kept)
 
 
 def switch_config_norm(cfg, norm: str, heads: bool = False, pretrained: str = 'auto',
@@ -165,6 +183,16 @@ def switch_config_norm(cfg, norm: str, heads: bool = False, pretrained: str = 'a
     """
     if norm not in NORM_CHOICES:
         raise ValueError(f'norm: expected one of {NORM_CHOICES}, got {norm!r}')
+    saved = {key: copy.deepcopy(cfg[key]) for key in ('model', 'optim_wrapper') if key in cfg}
+    try:
+        return _switch(cfg, norm, heads, pretrained, sw_layers, work_dir)
+    except NormSwitchError:
+        for key, value in saved.items():  # never a half-switched config
+            cfg[key] = value
+        raise
+
+
+def _switch(cfg, norm, heads, pretrained, sw_layers, work_dir) -> NormSwitchReport:
     registry = _registry(cfg)
     model = cfg.model
     report = NormSwitchReport(norm)
@@ -213,8 +241,8 @@ def _switch_norm_cfgs(model, registry, norm: str, report: NormSwitchReport) -> N
             continue
         kind = norm_cfg.get('type')
         if kind in BN_TYPES:
-            node['norm_cfg'] = target_norm_cfg(norm, norm_cfg)
             default = '' if 'norm_cfg' in node else ' (its default)'
+            node['norm_cfg'] = target_norm_cfg(norm, norm_cfg)
             report.changes.append((f'{path}.norm_cfg', _describe(norm_cfg) + default,
                                    _describe(node['norm_cfg'])))
             switched += 1
@@ -313,49 +341,70 @@ def _set_pretrained(cfg, norm: str, pretrained: str, sw_layers: str,
     if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
         upstream = init_cfg.get('checkpoint')
     if pretrained == 'none':
-        if upstream is not None:
-            backbone['init_cfg'] = None
-            if model.get('pretrained') is not None:
-                model['pretrained'] = None
-            report.changes.append(('model.backbone pretrained weights', str(upstream),
-                                   'none (--no-pretrained: trained from scratch)'))
+        _from_scratch(model, backbone, upstream, report)
         return
     if pretrained != 'auto':  # an already converted checkpoint
         if not osp.isfile(pretrained):
             raise NormSwitchError(f'--pretrained: {pretrained!r} does not exist')
         _point_backbone_at(model, backbone, pretrained, report, str(upstream))
         return
-    if norm in ('BN', 'SyncBN') or upstream is None:
+    switched = any(path.startswith('model.backbone.') for path, _, _ in report.changes)
+    if norm in ('BN', 'SyncBN') or upstream is None or not switched:
+        if upstream is not None and not switched:
+            report.notes.append(f'the backbone keeps its norms and its weights ({upstream})')
         return
+    needed = ('pass --pretrained FILE (a checkpoint of this backbone with the new norms) or '
+              '--no-pretrained to train from scratch')
     if norm == 'GN':
+        raise NormSwitchError(f'--norm GN: the backbone starts from {upstream!r}, a BN model, '
+                              f'and GN has no conversion from it; {needed}')
+    if backbone.get('type') not in ('ResNet', 'SWResNet') or backbone.get('deep_stem'):
         raise NormSwitchError(
-            f'--norm GN: the backbone starts from {upstream!r}, a BN model, and GN has no '
-            'conversion from it; pass --pretrained FILE (a GN ImageNet checkpoint for this '
-            'backbone) or --no-pretrained to train from scratch')
-    if backbone.get('deep_stem') or backbone.get('type') in ('ResNetV1c', 'ResNetV1d'):
-        raise NormSwitchError(
-            f'--norm {norm}: the backbone ({backbone.get("type")}) has a deep stem, which '
-            f'the converter refuses (no such SN/SW ImageNet model is released); pass '
-            f'--pretrained FILE (a converted checkpoint for this backbone) or --no-pretrained')
+            f'--norm {norm}: the backbone ({backbone.get("type")}'
+            f'{", deep stem" if backbone.get("deep_stem") else ""}) starts from {upstream!r}; '
+            f'the converter takes BN ResNet v1 models with the 7x7 stem only; {needed}')
     source = local_checkpoint(str(upstream))
     if not osp.isfile(source):
         raise NormSwitchError(
             f'--norm {norm}: the backbone starts from {upstream!r}, expected on this machine '
-            f'at {source} (run once where it can download, or copy it there); or pass '
-            f'--pretrained FILE (a converted checkpoint) or --no-pretrained')
-    from ..converters.resnet import convert_checkpoint
+            f'at {source} (run once where it can download, or copy it there); or {needed}')
+    from ..converters.resnet import ConversionError, convert_checkpoint
     out_dir = osp.join(work_dir or cfg.get('work_dir') or '.', 'pretrained')
-    stem = osp.splitext(osp.basename(source))[0]
-    target = osp.join(out_dir, f'{stem}_{norm.lower()}.pth')
+    placement = f'_{sw_layers}' if 'SW' in norm else ''
+    target = osp.join(out_dir, f'{osp.splitext(osp.basename(source))[0]}_'
+                               f'{norm.lower()}{placement}.pth')
     if not osp.isfile(target):
         os.makedirs(out_dir, exist_ok=True)
         partial = f'{target}.{os.getpid()}'  # (every process converts; one replace wins)
-        convert_checkpoint(source, partial, sw_layers=sw_layers if 'SW' in norm else None,
-                           log=lambda line: None)
+        try:
+            convert_checkpoint(source, partial, sw_layers=sw_layers if 'SW' in norm else None,
+                               log=lambda line: None)
+        except ConversionError as error:
+            raise NormSwitchError(f'--norm {norm}: {source} cannot be converted ({error}); '
+                                  f'{needed}') from error
         os.replace(partial, target)
     report.notes.append(f'{source} (BN) converted to {target} through sn2mm\'s BN path '
                         '(uniform ratios, BN statistics as the running statistics)')
     _point_backbone_at(model, backbone, target, report, str(upstream))
+
+
+def _from_scratch(model, backbone, upstream, report: NormSwitchReport) -> None:
+    """--no-pretrained: no backbone weights, and nothing frozen that only made sense with
+    them (frozen stages, norms in eval mode)."""
+    if upstream is not None:
+        backbone['init_cfg'] = None
+        if model.get('pretrained') is not None:
+            model['pretrained'] = None
+        report.changes.append(('model.backbone pretrained weights', str(upstream),
+                               'none (--no-pretrained: trained from scratch)'))
+    if backbone.get('frozen_stages', -1) >= 0:
+        report.changes.append(('model.backbone.frozen_stages', str(backbone['frozen_stages']),
+                               '-1 (nothing frozen from scratch)'))
+        backbone['frozen_stages'] = -1
+    for path, node in _walk(model, 'model'):
+        if node.get('norm_eval'):
+            node['norm_eval'] = False
+            report.changes.append((f'{path}.norm_eval', 'True', 'False (from scratch)'))
 
 
 def _point_backbone_at(model, backbone, checkpoint: str, report: NormSwitchReport,

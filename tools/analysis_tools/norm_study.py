@@ -58,13 +58,18 @@ def parse_args(argv=None):
     return args
 
 
-def run_config(config: str, images: Optional[int], largest: int, nproc: int, batch: int,
-               out: str) -> Dict:
-    """Writes the run's config (its iterations and schedule for ``images`` training images)
-    to ``out`` and returns its iteration plan."""
+#: iteration counts of a scheduler, stretched with the schedule
+_SCHEDULE_KEYS = ('begin', 'end', 'T_max')
+
+
+def run_config(config: str, options: Dict, images: Optional[int], largest: int, nproc: int,
+               batch: int, out: str) -> Dict:
+    """Writes the run's config (``options`` merged; its iterations, schedule and checkpoint
+    interval for ``images`` training images) to ``out`` and returns its iteration plan."""
     from mmengine.config import Config
     from mmsn.mm.norm_switch import base_batch_size
     cfg = Config.fromfile(config)
+    cfg.merge_from_dict(options)
     loop = cfg.train_cfg
     plan = dict(images=None, iters=None, epochs=loop.get('max_epochs'))
     # the config's total batch size, kept known once it is saved under another name
@@ -78,21 +83,27 @@ def run_config(config: str, images: Optional[int], largest: int, nproc: int, bat
         for scheduler in cfg.get('param_scheduler') or []:
             if scheduler.get('by_epoch', True):
                 continue
-            for key in ('begin', 'end'):
+            for key in _SCHEDULE_KEYS:
                 if key in scheduler:
                     scheduler[key] = min(round(scheduler[key] * factor), iters)
             if 'milestones' in scheduler:
                 scheduler['milestones'] = [round(m * factor) for m in scheduler.milestones]
         checkpoint = cfg.default_hooks.get('checkpoint')
         if checkpoint is not None:
-            checkpoint.interval = max(1, min(checkpoint.get('interval', iters), iters))
+            interval = round(checkpoint.get('interval', loop.max_iters) * factor)
+            checkpoint.interval = max(1, min(interval, iters))
         plan.update(images=images, iters=iters)
+    elif images is not None:
+        raise ValueError(f'--images: expected an iteration-based config (an epoch-based one '
+                         f'sees its dataset per epoch at every batch size), got '
+                         f'{loop.get("type")}')
     cfg.dump(out)
     return plan
 
 
-def final_metrics(run_dir: str) -> Dict[str, float]:
-    """The last validation record of the run's newest log (mmengine's ``scalars.json``)."""
+def final_metrics(run_dir: str, step: Optional[int]) -> Dict[str, float]:
+    """The last validation record of the run's newest log (mmengine's ``scalars.json``;
+    training records carry ``lr``), which must be at ``step`` when given."""
     logs = sorted(
         (osp.join(run_dir, d, 'vis_data', 'scalars.json') for d in os.listdir(run_dir)
          if osp.isfile(osp.join(run_dir, d, 'vis_data', 'scalars.json'))),
@@ -100,24 +111,28 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
     for log in reversed(logs):
         records = [json.loads(line) for line in open(log) if line.strip()]
         for record in reversed(records):
+            if 'lr' in record:
+                continue
+            if step is not None and record.get('step') != step:
+                break
             metrics = {k: v for k, v in record.items()
                        if not k.startswith(_NOT_METRICS) and isinstance(v, (int, float))}
             if metrics:
                 return metrics
-    raise RuntimeError(f'{run_dir}: no validation metrics in any vis_data/scalars.json')
+    raise RuntimeError(f'{run_dir}: no validation metrics at the final iteration ({step}) in '
+                       'its logs; delete the run directory to train it again')
 
 
 def train(args, norm: str, batch: int, run_dir: str, images: Optional[int]) -> Dict:
     os.makedirs(run_dir, exist_ok=True)
     config = osp.join(run_dir, 'config.py')
-    plan = run_config(args.config, images, max(args.batch_sizes), args.nproc, batch, config)
+    plan = run_config(args.config, args.cfg_options, images, max(args.batch_sizes),
+                      args.nproc, batch, config)
     options = ['--norm', norm, '--batch-size', str(batch), '--work-dir', run_dir]
     options += ['--norm-heads'] if args.norm_heads else []
     options += ['--no-pretrained'] if args.no_pretrained else []
     if osp.isfile(osp.join(run_dir, 'last_checkpoint')):
         options.append('--resume')
-    if args.cfg_options:
-        options += ['--cfg-options'] + [f'{k}={v}' for k, v in args.cfg_options.items()]
     if args.nproc > 1:
         command = ['bash', osp.join(ROOT, 'tools/dist_train.sh'), config, str(args.nproc)]
     else:
@@ -130,7 +145,14 @@ def train(args, norm: str, batch: int, run_dir: str, images: Optional[int]) -> D
         raise RuntimeError(f'{norm} at batch {batch}: training failed (exit '
                            f'{result.returncode}); see {osp.join(run_dir, "train.log")}')
     return dict(norm=norm, batch_size=batch, nproc=args.nproc, **plan,
-                metrics=final_metrics(run_dir))
+                settings=settings(args), metrics=final_metrics(run_dir, plan['iters']))
+
+
+def settings(args) -> Dict:
+    """What a finished run must share with the study to be kept."""
+    return dict(config=osp.abspath(args.config), images=args.images, nproc=args.nproc,
+                norm_heads=args.norm_heads, no_pretrained=args.no_pretrained,
+                cfg_options={k: str(v) for k, v in args.cfg_options.items()})
 
 
 def pick_metric(results: List[Dict], wanted: Optional[str]) -> str:
@@ -142,6 +164,7 @@ def pick_metric(results: List[Dict], wanted: Optional[str]) -> str:
     for name in ('mIoU', 'coco/bbox_mAP', 'coco/segm_mAP'):
         if name in names:
             return name
+    print(f'[norm_study] plotting {names[0]} (of {sorted(set(names))}; --metric picks one)')
     return names[0]
 
 
@@ -153,7 +176,8 @@ def write_outputs(results: List[Dict], metric: str, norms: List[str], batches: L
     lines = [f'| norm | ' + ' | '.join(f'{b}/process' for b in order) + ' |',
              '| --- |' + ' --- |' * len(order)]
     for norm in norms:
-        cells = [f'{by_key[norm, b]["metrics"][metric]:.2f}' if (norm, b) in by_key else '-'
+        cells = [f'{by_key[norm, b]["metrics"][metric]:.2f}'
+                 if metric in by_key.get((norm, b), {}).get('metrics', {}) else '-'
                  for b in order]
         lines.append(f'| {norm} | ' + ' | '.join(cells) + ' |')
     with open(osp.join(out_dir, 'study.md'), 'w') as f:
@@ -170,7 +194,7 @@ def write_outputs(results: List[Dict], metric: str, norms: List[str], batches: L
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for norm in norms:
         points = sorted((b, by_key[norm, b]['metrics'][metric]) for b in batches
-                        if (norm, b) in by_key)
+                        if metric in by_key.get((norm, b), {}).get('metrics', {}))
         axis.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=norm)
     axis.set_xscale('log', base=2)
     axis.set_xticks(order)
@@ -196,8 +220,13 @@ def main(argv=None):
             run_dir = osp.join(work_dir, f'{norm}_b{batch}')
             done = osp.join(run_dir, 'result.json')
             if osp.isfile(done):
+                with open(done) as f:
+                    result = json.load(f)
+                if result.get('settings') != settings(args):
+                    raise ValueError(f'{run_dir}: finished with other settings '
+                                     f'({result.get("settings")}); use another --work-dir')
                 print(f'[norm_study] {norm} at batch {batch}: done before, kept', flush=True)
-                results.append(json.load(open(done)))
+                results.append(result)
                 continue
             result = train(args, norm, batch, run_dir, args.images)
             with open(done, 'w') as f:
