@@ -3,7 +3,7 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test demo clean
+.PHONY: env test demo study clean
 
 env:
 	@bash tools/setup_env.sh
@@ -16,6 +16,13 @@ test: env
 
 demo: env
 	@$(PYTHON) tools/demo.py --work-dir work_dirs/demo
+
+# The norm study on the demo data (README, "A norm study"): not part of `make test`.
+study: env
+	@$(PYTHON) -c "from mmsn.demo.shapes import make_shapes_dataset as m; m('data/shapes')"
+	@$(PYTHON) tools/analysis_tools/norm_study.py configs/demo/fcn_r18_shapes.py \
+		--norms BN GN SN SyncSN --batch-sizes 4 2 1 --nproc 2 --images 3000 \
+		--work-dir work_dirs/norm_study/demo
 
 clean:
 	rm -rf work_dirs .pytest_cache

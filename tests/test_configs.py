@@ -154,6 +154,10 @@ def test_config_builds_steps_and_predicts(config):
     model = MODELS.build(cfg.model)
     model.init_weights()
     assert count_norms(model) == expected
+    if 'cityscapes' in config:
+        # the same model as its ADE20K twin (stepped below) but for the class count, which
+        # the build above checks: the step would repeat that one (suite time)
+        return
     for module in model.modules():  # undo zero-init residuals: every norm must get gradients
         if isinstance(module, SwitchableLayer) or 'BatchNorm' in type(module).__name__:
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
