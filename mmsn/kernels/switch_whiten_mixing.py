@@ -322,15 +322,17 @@ def _sw_mix_kernel(
             total = tl.load(batch_ptr + G * C_PER + G * C_PER * C_PER)
             tracked = tl.load(tracked_ptr)
             tl.store(new_tracked_ptr, tracked + (total > 0).to(tracked.dtype))
+    if not BATCH:
+        if instance == 0:  # keep the running moments as read, for the backward (no count)
+            for h in range(G):
+                tl.store(batch_ptr + h * C_PER + rows,
+                         tl.load(batch_mean_ptr + h * C_PER + rows).to(ACC))
+                tl.store(batch_ptr + G * C_PER + h * C_PER * C_PER + square,
+                         tl.load(batch_cov_ptr + h * C_PER * C_PER + square).to(ACC))
+            tl.store(batch_ptr + G * C_PER + G * C_PER * C_PER, tl.zeros((), dtype=ACC))
     if instance < N * G:
         n = instance // G
         g = instance % G
-        if not BATCH:
-            if n == 0:  # keep the running moments as read, for the backward
-                tl.store(batch_ptr + g * C_PER + rows,
-                         tl.load(batch_mean_ptr + g * C_PER + rows).to(ACC))
-                tl.store(batch_ptr + G * C_PER + g * C_PER * C_PER + square,
-                         tl.load(batch_cov_ptr + g * C_PER * C_PER + square).to(ACC))
         p = _ratios(mean_logit_ptr, K, LOGITS, ACC)
         q = _ratios(var_logit_ptr, K, LOGITS, ACC)
         eye = _eye(C_PER, ACC)
