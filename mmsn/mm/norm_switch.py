@@ -202,10 +202,7 @@ def _switch(cfg, norm, heads, pretrained, sw_layers, work_dir) -> NormSwitchRepo
     else:
         _switch_norm_cfgs(model, registry, norm, report)
     if norm in _LEARNED:
-        for path, node in _walk(model, 'model'):
-            if node.get('norm_eval'):
-                node['norm_eval'] = False
-                report.changes.append((f'{path}.norm_eval', 'True', 'False'))
+        _train_norms(model, report)
         _no_norm_decay(cfg, report)
     if heads:
         _add_head_norms(model, registry, norm, report)
@@ -270,6 +267,14 @@ def _place_whitening(backbone, norm: str, sw_layers: str, report: NormSwitchRepo
     report.changes.append(('model.backbone.type', kind, f'SWResNet (sw_layers={sw_layers!r}, '
                            f'{norm} with sw_type=2, 16 channels per group)'))
     report.notes.append(f'the other norms keep {_describe(norm_cfg)}, trainable')
+
+
+def _train_norms(model, report: NormSwitchReport, why: str = '') -> None:
+    """``norm_eval=False`` wherever a component keeps its norms in eval mode."""
+    for path, node in _walk(model, 'model'):
+        if node.get('norm_eval'):
+            node['norm_eval'] = False
+            report.changes.append((f'{path}.norm_eval', 'True', f'False{why}'))
 
 
 def _no_norm_decay(cfg, report: NormSwitchReport) -> None:
@@ -401,10 +406,7 @@ def _from_scratch(model, backbone, upstream, report: NormSwitchReport) -> None:
         report.changes.append(('model.backbone.frozen_stages', str(backbone['frozen_stages']),
                                '-1 (nothing frozen from scratch)'))
         backbone['frozen_stages'] = -1
-    for path, node in _walk(model, 'model'):
-        if node.get('norm_eval'):
-            node['norm_eval'] = False
-            report.changes.append((f'{path}.norm_eval', 'True', 'False (from scratch)'))
+    _train_norms(model, report, ' (from scratch)')
 
 
 def _point_backbone_at(model, backbone, checkpoint: str, report: NormSwitchReport,

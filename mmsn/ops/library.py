@@ -194,14 +194,20 @@ _SW_PLANS = {
     'grad_sums': {16: (32, 4), 32: (32, 8), 64: (16, 8)},
     'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
 }
-#: Warps of the per-group and per-instance mixing kernels by channels per group; Newton's
-#: backward at 32 per group needs 16 (at 8 it spilled 680 bytes per thread).
+#: Warps of the per-group and per-instance mixing kernels by channels per group (Newton's
+#: backward at 32 per group fits 255 registers at 8 only with its products' operands read
+#: from scratch memory, see ``_product`` in ``switch_whiten_mixing.py``).
 _SW_MIX_WARPS = {16: 4, 32: 8, 64: 16}
-_SW_NEWTON_BACKWARD_WARPS = {16: 4, 32: 8, 64: 16}
 #: Group sizes whose mixing kernels run Newton's iteration (forward and backward) in
 #: registers. At 64 its five 64 x 64 iterates spill kilobytes at any warp count: there the
 #: mixing kernel writes the mixed covariance and Newton runs as batched matmuls.
 _NEWTON_IN_KERNEL = (16, 32)
+
+
+def batch_moments_views(batch: Tensor, groups: int, c: int) -> Tuple[Tensor, Tensor]:
+    """The BW mean ``(G c,)`` and covariance ``(G c c,)`` parts of the ``batch`` buffer
+    ``[mean, cov, T]`` that :func:`sw_forward` fills and saves."""
+    return batch[:groups * c], batch[groups * c:-1]
 
 
 def _sw_args(per_group: int, dtype: torch.dtype, length: int, kind: str) -> dict:
@@ -473,7 +479,6 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     dtype = stats_dtype(x)
     mean, cov = sw_moments(x, group_size)
     batch = x.new_empty(groups * c + groups * c * c + 1, dtype=dtype)
-    batch_mean, batch_cov = batch[:groups * c], batch[groups * c:-1]
     if not use_batch_stats and running is None:
         raise ValueError('use_batch_stats=False needs running_mean and running_cov')
     update = use_batch_stats and running is not None
@@ -498,7 +503,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
             launch(_sw_batch_kernel, (groups,), *args, STAGE=2, **options)
         else:
             launch(_sw_batch_kernel, (groups,), *args, STAGE=0, **options)
-        source = batch_mean, batch_cov
+        source = batch_moments_views(batch, groups, c)
     else:
         source = running[0], running[1]
     matrix = x.new_empty((n, groups, c, c), dtype=dtype)
@@ -551,13 +556,13 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
     affine = weight is not None
     if n * groups:
         newton = c in _NEWTON_IN_KERNEL
-        args = (mean, cov, batch[:groups * c], batch[groups * c:-1], mean_logit, var_logit,
+        args = (mean, cov, *batch_moments_views(batch, groups, c), mean_logit, var_logit,
                 batch if weight is None else weight, batch if newton else whitening,
                 x.new_empty((n, groups, 3 * iterations + 3 if newton else 0, c, c),
                             dtype=dtype), outers,
                 sums_dy, d_cov, d_centre, d_gamma, partial, n, groups, splits, eps)
         options = dict(common, AFFINE=affine, NEWTON=newton, ITERATIONS=iterations,
-                       PRECISION='ieee', num_warps=_SW_NEWTON_BACKWARD_WARPS[c])
+                       PRECISION='ieee')
         if newton:
             launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=0, **options)
         else:  # Newton's backward between the stages, as batched matmuls

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .distributed import sync_world_size
-from .library import (_NEWTON_IN_KERNEL, KERNEL_GROUP_SIZES, as_groups, sw_backward, sw_forward,
-                      viewable)
+from .library import (_NEWTON_IN_KERNEL, KERNEL_GROUP_SIZES, as_groups, batch_moments_views,
+                      sw_backward, sw_forward, viewable)
 from .reference import ratios_of, switch_whiten_reference
 
 
@@ -45,8 +45,8 @@ def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
     groups, c = x.shape[1] // config.group_size, config.group_size
     running = (None, None)
     if not config.use_batch_stats:  # the running statistics as the forward read them
-        running = (batch[:groups * c].reshape(groups, c, 1),
-                   batch[groups * c:-1].reshape(groups, c, c))
+        mean, cov = batch_moments_views(batch, groups, c)
+        running = (mean.reshape(groups, c, 1), cov.reshape(groups, c, c))
     with torch.enable_grad():
         y = switch_whiten_reference(
             x, ratios_of(mean_logit, config.logits), ratios_of(var_logit, config.logits),
