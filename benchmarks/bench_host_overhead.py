@@ -32,7 +32,9 @@ def layers(channels: int):
             ('SN (kernels)', 'triton', lambda: mmsn.SwitchNorm2d(channels)),
             ('SN (reference)', 'torch', lambda: mmsn.SwitchNorm2d(channels)),
             ('SW-16 (kernels)', 'triton', lambda: mmsn.SwitchWhiten2d(channels,
-                                                                       num_pergroup=16))]
+                                                                       num_pergroup=16)),
+            ('SW-64 (kernels)', 'triton', lambda: mmsn.SwitchWhiten2d(channels,
+                                                                       num_pergroup=64))]
 
 
 def host_ms(layer, x, dy, steps: int, launch: bool):

@@ -30,7 +30,7 @@ def run_smoke(script, tmp_path, *args):
     ('bench_switch_whiten.py', 'op', {'SW2 mmsn-triton', 'SW5 mmsn-triton', 'SW2 mmsn-torch',
                                       'SW5 mmsn-torch', 'BatchNorm2d'}),
     ('bench_host_overhead.py', 'layer', {'BN', 'GN', 'SN (kernels)', 'SN (reference)',
-                                         'SW-16 (kernels)'}),
+                                         'SW-16 (kernels)', 'SW-64 (kernels)'}),
 ])
 def test_layer_benchmarks_smoke(script, column, expected, tmp_path):
     pytest.importorskip('triton')

@@ -45,9 +45,10 @@ def test_sn_kernels_compile_within_budget(tmp_path):
 
 
 def test_sw_kernels_compile_within_budget(tmp_path):
-    """SW at 16, 32 and 64 channels per group (Newton in the mixing kernels at 16 and 32;
-    64 takes batched matmuls), three dtypes, both layouts, maps of 56x56 and 14x14 (the SW
-    placements whiten stages 1-3 only; 64 channels: one group of 64, whose count Triton
+    """SW at 16, 32 and 64 channels per group (Newton's forward in registers at 16 and
+    32, through scratch memory at 64 and in every backward), three dtypes, both layouts,
+    maps of 56x56 and 14x14 (the SW placements whiten stages 1-3 only; 64 channels: one
+    group of 64, whose count Triton
     passes as a constexpr; every shape is in the full sweep of
     ``python -m mmsn.ops.aot``): no spill, no stack, within budget on sm_80 and sm_90."""
     from mmsn.ops.aot import problems

@@ -16,11 +16,12 @@ pytestmark = pytest.mark.skipif(not KERNELS_AVAILABLE, reason='needs triton')
 SHAPE = (4, 32, 6, 6)  # no reduction is split at this size
 
 
-def step(layer, training=True):
+def step(layer, training=True, channels=SHAPE[1]):
     """(forward count, backward count, host syncs) of one step of ``layer``."""
     layer.train(training)
-    x = torch.randn(SHAPE, requires_grad=training)
-    dy = torch.randn(SHAPE)
+    shape = (SHAPE[0], channels) + SHAPE[2:]
+    x = torch.randn(shape, requires_grad=training)
+    dy = torch.randn(shape)
     with DeviceWork() as forward:
         y = layer(x)
     backward = None
@@ -50,11 +51,12 @@ def test_sn_eval_forward_within_budget():
     assert not syncs, syncs
 
 
-@pytest.mark.parametrize('group', [16, 32])
+@pytest.mark.parametrize('group', [16, 32, 64])
 @pytest.mark.parametrize('sw_type', [2, 5])
 def test_sw_training_step_within_budget(sw_type, group):
-    forward, backward, syncs = step(SwitchWhiten2d(SHAPE[1], num_pergroup=group,
-                                                   sw_type=sw_type))
+    channels = max(SHAPE[1], group)
+    forward, backward, syncs = step(SwitchWhiten2d(channels, num_pergroup=group,
+                                                   sw_type=sw_type), channels=channels)
     assert forward.total <= 8, forward
     assert backward.total <= 8, backward
     assert not syncs, syncs

@@ -200,19 +200,3 @@ def test_channels_last_and_state_dict():
 def test_bad_input_raises_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
-
-
-@pytest.mark.parametrize('iterations', [1, 5])
-def test_written_out_newton_backward_equals_autograd(iterations):
-    """The kernels' Newton op differentiates by a written-out backward; it must equal
-    autograd through the reference iteration (float64)."""
-    from mmsn.ops.library import newton_backward
-    from mmsn.ops.reference import inverse_sqrt_newton
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 2, 4, 6, generator=g, dtype=torch.float64)
-    cov = (a @ a.transpose(-1, -2) / 6 + 0.1 * torch.eye(4, dtype=torch.float64))
-    cov.requires_grad_()
-    grad = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
-    want, = torch.autograd.grad(inverse_sqrt_newton(cov, iterations), cov, grad)
-    got = newton_backward(cov.detach(), iterations, grad)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

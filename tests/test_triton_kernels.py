@@ -149,9 +149,10 @@ def test_empty_batch_and_constant_input(monkeypatch):
     assert torch.isfinite(y).all() and torch.isfinite(constant.grad).all()
 
 
-def random_whitening(channels, dtype=torch.float32, cls=SwitchWhiten2d, **kwargs):
+def random_whitening(channels, dtype=torch.float32, cls=SwitchWhiten2d, num_pergroup=16,
+                     **kwargs):
     torch.manual_seed(0)
-    layer = cls(channels, num_pergroup=16, **kwargs)
+    layer = cls(channels, num_pergroup=num_pergroup, **kwargs)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_(0, 0.5)
@@ -160,7 +161,7 @@ def random_whitening(channels, dtype=torch.float32, cls=SwitchWhiten2d, **kwargs
                 logits.normal_()
         layer.running_mean.normal_()
         a = torch.randn(layer.running_cov.shape) * 0.3
-        layer.running_cov.copy_(a @ a.transpose(1, 2) + torch.eye(16))
+        layer.running_cov.copy_(a @ a.transpose(1, 2) + torch.eye(num_pergroup))
     return layer.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
@@ -180,7 +181,7 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
     cls = SyncSwitchWhiten2d if case == 'sync-fallback' else SwitchWhiten2d
     layer = random_whitening(32, cls=cls, **kwargs)
     if case in ('group32', 'group64'):  # their tiles are 16-64 positions: 54 take several
-        layer = SwitchWhiten2d(128, num_pergroup=int(case[5:]))
+        layer = random_whitening(128, num_pergroup=int(case[5:]))
     shape = {'1x1-N1': (1, 32, 1, 1), 'split-L': (1, 32, 12, 12)}.get(
         case, (2, layer.num_features, 6, 9) if case.startswith('group') else
         (2, layer.num_features, 4, 6))
@@ -199,6 +200,8 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
         torch.testing.assert_close(kernels.double(), truth, rtol=2e-3, atol=2e-3)
         return
     compare(layer, x, torch.float32, monkeypatch, train=case != '1x1-N1')
+    if case == 'group64':  # eval too: Newton through scratch memory, the running moments
+        compare(layer, x, torch.float32, monkeypatch, train=False)
 
 
 @pytest.mark.parametrize('which', ['weight', 'bias'])
@@ -308,9 +311,9 @@ def _op_cases():
             coef(groups, per_group, 1), _spd(coef(groups, per_group, 2 * per_group)),
             torch.tensor(3), train, per_group, sw_type, 5, 0.1, 1e-5, True)
 
-    def sw_backward_args(t, per_group):
-        forward = sw_forward_args(t, True, per_group)
-        saved = torch.ops.mmsn.sw_forward(*forward)[1:8]
+    def sw_backward_args(t, per_group, affine=True):
+        forward = sw_forward_args(t, True, per_group, affine)
+        saved = torch.ops.mmsn.sw_forward(*forward)[1:6]
         return (torch.randn_like(t), t) + saved + forward[1:5] + (True, per_group, 5, 5, 1e-5,
                                                                   True)
 
@@ -322,6 +325,7 @@ def _op_cases():
         ('sw_forward', sw_forward_args(cl, True, 32, affine=False)),
         ('sw_backward', sw_backward_args(cl, 16)),
         ('sw_forward', sw_forward_args(x64, True, 64, affine=False)),
+        ('sw_backward', sw_backward_args(x64, 64, affine=False)),
     ]
 
 

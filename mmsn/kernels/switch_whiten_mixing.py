@@ -18,8 +18,8 @@ Forward, three small kernels between the moments pass and the whitening pass:
   with Newton's iteration for ``S^{-1/2}`` in registers (``P_0 = I``,
   ``P_{k+1} = (3 P_k - P_k^3 S / tr S) / 2``, result ``P_T / sqrt(tr S)``), writing the
   affine map ``y = M (x - m) + beta`` of the instance. At 64 channels per group the
-  iterates do not fit in registers: with ``NEWTON=False`` it writes ``S`` and the caller
-  takes the inverse square root with batched matmuls.
+  iterates do not fit in registers: with ``SCRATCH`` they go through scratch memory, each
+  product as rank-one updates from there (:func:`_product`).
 
 Backward, between the ``dy`` sums pass (``G = sum dy (x - m)^T``, ``s = sum dy``) and the
 ``dx`` pass ``dx = M^T dy + A (x - mu_n) + v``:
@@ -113,6 +113,14 @@ def _layer_moments(mean_ptr, cov_ptr, n, G, C_PER: tl.constexpr, ACC: tl.constex
 
 
 @triton.jit
+def _covariances(cov_ptr, batch_cov_ptr, instance, g, C_PER: tl.constexpr, ACC: tl.constexpr):
+    """The instance's IW covariance and its group's BW covariance."""
+    _, square = _offsets(C_PER)
+    return (tl.load(cov_ptr + instance.to(tl.int64) * C_PER * C_PER + square),
+            tl.load(batch_cov_ptr + g * C_PER * C_PER + square).to(ACC))
+
+
+@triton.jit
 def _statistics(mean_ptr, cov_ptr, batch_mean_ptr, batch_cov_ptr, instance, n, g, G,
                 K: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr):
     """The instance's IW moments, its group's BW moments (batch or running) and, for K >= 3,
@@ -120,9 +128,8 @@ def _statistics(mean_ptr, cov_ptr, batch_mean_ptr, batch_cov_ptr, instance, n, g
     rows, square = _offsets(C_PER)
     at = instance.to(tl.int64)
     mu = tl.load(mean_ptr + at * C_PER + rows)
-    cov = tl.load(cov_ptr + at * C_PER * C_PER + square)
     mu_b = tl.load(batch_mean_ptr + g * C_PER + rows).to(ACC)
-    cov_b = tl.load(batch_cov_ptr + g * C_PER * C_PER + square).to(ACC)
+    cov, cov_b = _covariances(cov_ptr, batch_cov_ptr, instance, g, C_PER, ACC)
     mean_ln = tl.zeros((), dtype=ACC)
     var_ln = tl.zeros((), dtype=ACC)
     if K >= 3:
@@ -168,71 +175,108 @@ def _inverse_sqrt(mixed, eye, ITERATIONS: tl.constexpr, PRECISION: tl.constexpr,
 
 
 @triton.jit
-def _product(a_ptr, b_ptr, square, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """``A @ B`` of two c x c matrices in scratch memory, each operand loaded for this one
-    product: with IEEE float32 ``tl.dot`` on CUDA cores an operand takes a whole row or
-    column strip per thread, so operands kept live across products spill at c = 32."""
-    return tl.dot(tl.load(a_ptr + square), tl.load(b_ptr + square), input_precision=PRECISION,
-                  out_dtype=ACC)
+def _product(a_ptr, b_ptr, C_PER: tl.constexpr, ACC: tl.constexpr):
+    """``A @ B`` of two c x c matrices in scratch memory, the operands loaded for this one
+    product. From c = 32 as c rank-one updates, a column of ``A`` and a row of ``B`` loaded
+    per step (from L1: the program's scratch is small): ``tl.dot`` on CUDA cores (IEEE
+    float32) holds whole row and column strips of its operands per thread, and Newton's
+    backward then needs all 255 registers at c = 32 and spills at c = 64 whatever the warps.
+    At c = 16 ``tl.dot`` fits, and the interpreter runs it much faster than the loop."""
+    rows = tl.arange(0, C_PER)
+    if C_PER <= 16:
+        square = rows[:, None] * C_PER + rows[None, :]
+        out = tl.dot(tl.load(a_ptr + square), tl.load(b_ptr + square), input_precision='ieee',
+                     out_dtype=ACC)
+    else:
+        out = tl.zeros((C_PER, C_PER), dtype=ACC)
+        for k in range(C_PER):
+            column = tl.load(a_ptr + rows * C_PER + k)
+            row = tl.load(b_ptr + k * C_PER + rows)
+            out += column[:, None] * row[None, :]
+    return out
 
 
 @triton.jit
-def _inverse_sqrt_keeping(mixed, eye, scratch_ptr, square, ITERATIONS: tl.constexpr,
-                          C_PER: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """:func:`_inverse_sqrt` through scratch memory (operands as in :func:`_product`),
-    which keeps ``P_k``, ``P_k^2``, ``P_k^3`` (k < T) and ``S / tr S`` there for
-    :func:`_inverse_sqrt_backward`."""
+def _inverse_sqrt_scratch(mixed, eye, scratch_ptr, square, ITERATIONS: tl.constexpr,
+                          KEEP: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_inverse_sqrt` through scratch memory (operands as in :func:`_product`). With
+    ``KEEP`` it keeps ``P_k``, ``P_k^2``, ``P_k^3`` (k < T), then ``S / tr S``, there for
+    :func:`_inverse_sqrt_backward` (3T + 3 matrices); else it reuses one slot (4)."""
     size = C_PER * C_PER
-    normalised_ptr = scratch_ptr + 3 * ITERATIONS * size
+    normalised_ptr = scratch_ptr + 3 * (ITERATIONS if KEEP else 1) * size
     trace = _total(mixed * eye)
     tl.store(normalised_ptr + square, mixed / trace)
     p = eye
     for k in tl.static_range(ITERATIONS):
-        p_ptr = scratch_ptr + 3 * k * size
+        p_ptr = scratch_ptr + 3 * (k if KEEP else 0) * size
+        square_ptr = p_ptr + size
+        cube_ptr = p_ptr + 2 * size
+        if not KEEP:
+            tl.debug_barrier()  # (the slot's last reads by other threads of this program)
         tl.store(p_ptr + square, p)
         tl.debug_barrier()  # (read by other threads of this program)
-        tl.store(p_ptr + size + square, _product(p_ptr, p_ptr, square, PRECISION, ACC))
+        tl.store(square_ptr + square, _product(p_ptr, p_ptr, C_PER, ACC))
         tl.debug_barrier()
-        tl.store(p_ptr + 2 * size + square,
-                 _product(p_ptr + size, p_ptr, square, PRECISION, ACC))
+        tl.store(cube_ptr + square, _product(square_ptr, p_ptr, C_PER, ACC))
         tl.debug_barrier()
-        p = 1.5 * p - 0.5 * _product(p_ptr + 2 * size, normalised_ptr, square, PRECISION, ACC)
+        p = 1.5 * p - 0.5 * _product(cube_ptr, normalised_ptr, C_PER, ACC)
     return p / tl.sqrt(trace)
 
 
 @triton.jit
-def _inverse_sqrt_backward(mixed, whitening, grad, eye, scratch_ptr, square,
-                           ITERATIONS: tl.constexpr, C_PER: tl.constexpr,
-                           PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """The gradient of :func:`_inverse_sqrt` (``whitening``) with respect to ``mixed``,
-    walking back the iterates that :func:`_inverse_sqrt_keeping` stored (as
-    ``mmsn.ops.library.newton_backward``, with the transposes dropped: every iterate is a
-    polynomial in the symmetric ``S``, so symmetric itself)."""
+def _newton_backward_step(grad_p, grad_normalised, p_ptr, normalised_ptr, m_ptr, g_ptr,
+                          square, C_PER: tl.constexpr, ACC: tl.constexpr):
+    """One step of :func:`_inverse_sqrt_backward`, back through ``P_{k+1}`` (``P_k`` at
+    ``p_ptr``, then ``P_k^2`` and ``P_k^3``)."""
+    size = C_PER * C_PER
+    square_ptr = p_ptr + size
+    tl.store(g_ptr + square, -0.5 * grad_p)
+    tl.debug_barrier()  # (stored by other threads of this program)
+    grad_normalised += _product(p_ptr + 2 * size, g_ptr, C_PER, ACC)
+    tl.store(m_ptr + square, _product(g_ptr, normalised_ptr, C_PER, ACC))
+    tl.debug_barrier()
+    p_m = _product(p_ptr, m_ptr, C_PER, ACC)
+    grad_p = (1.5 * grad_p + _product(m_ptr, square_ptr, C_PER, ACC)
+              + _product(square_ptr, m_ptr, C_PER, ACC))
+    tl.debug_barrier()
+    tl.store(m_ptr + square, p_m)  # (reused: P m, for P m P)
+    tl.debug_barrier()
+    grad_p += _product(m_ptr, p_ptr, C_PER, ACC)
+    tl.debug_barrier()  # (read by other threads before the next step writes g and m)
+    return grad_p, grad_normalised
+
+
+@triton.jit
+def _inverse_sqrt_backward(trace, whitening, grad, scratch_ptr, square,
+                           ITERATIONS: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr):
+    """The gradient of :func:`_inverse_sqrt` (``whitening``) with respect to the mixed
+    covariance (of trace ``trace``), walking back the iterates that
+    :func:`_inverse_sqrt_scratch` kept; only the gradients stay in registers. With
+    ``S = mixed / tr`` and ``G`` the gradient of ``P_{k+1}``, per step (every iterate is a
+    polynomial in the symmetric ``S``, so symmetric itself, and no transposes appear)::
+
+        dS += P^3 (-G / 2),   m = (-G / 2) S,   G <- 1.5 G + m P^2 + P m P + P^2 m
+    """
     size = C_PER * C_PER
     normalised_ptr = scratch_ptr + 3 * ITERATIONS * size
     m_ptr = normalised_ptr + size                   # one more matrix: d loss / d P^3
     g_ptr = m_ptr + size                            # and d loss / d (P^3 S)
-    trace = _total(mixed * eye)
     grad_trace = -0.5 * _total(grad * whitening) / trace     # <grad, P_T> / (2 tr^1.5)
     grad_p = grad / tl.sqrt(trace)
-    grad_normalised = tl.zeros_like(mixed)
-    for step in tl.static_range(ITERATIONS):
-        p_ptr = scratch_ptr + 3 * (ITERATIONS - 1 - step) * size
-        tl.store(g_ptr + square, -0.5 * grad_p)
-        tl.debug_barrier()  # (stored by other threads of this program)
-        grad_normalised += _product(p_ptr + 2 * size, g_ptr, square, PRECISION, ACC)
-        tl.store(m_ptr + square, _product(g_ptr, normalised_ptr, square, PRECISION, ACC))
-        tl.debug_barrier()
-        p_m = _product(p_ptr, m_ptr, square, PRECISION, ACC)
-        grad_p = (1.5 * grad_p + _product(m_ptr, p_ptr + size, square, PRECISION, ACC)
-                  + _product(p_ptr + size, m_ptr, square, PRECISION, ACC))
-        tl.debug_barrier()
-        tl.store(m_ptr + square, p_m)  # (reused: P m, for P m P)
-        tl.debug_barrier()
-        grad_p += _product(m_ptr, p_ptr, square, PRECISION, ACC)
-        tl.debug_barrier()
-    grad_trace -= _total(grad_normalised * mixed) / (trace * trace)
-    return grad_normalised / trace + grad_trace * eye
+    grad_normalised = tl.zeros_like(grad)
+    if C_PER > 32:  # a loop (unrolled, ptxas spills on sm_80 at 64; as a loop it does at 16)
+        for step in range(ITERATIONS):
+            grad_p, grad_normalised = _newton_backward_step(
+                grad_p, grad_normalised, scratch_ptr + 3 * (ITERATIONS - 1 - step) * size,
+                normalised_ptr, m_ptr, g_ptr, square, C_PER, ACC)
+    else:
+        for step in tl.static_range(ITERATIONS):
+            grad_p, grad_normalised = _newton_backward_step(
+                grad_p, grad_normalised, scratch_ptr + 3 * (ITERATIONS - 1 - step) * size,
+                normalised_ptr, m_ptr, g_ptr, square, C_PER, ACC)
+    # <dS, S> / tr: the gradient of tr through S = mixed / tr
+    grad_trace -= _total(grad_normalised * tl.load(normalised_ptr + square)) / trace
+    return grad_normalised / trace + grad_trace * _eye(C_PER, ACC)
 
 
 @triton.jit
@@ -310,11 +354,12 @@ def _sw_mix_kernel(
         weight_ptr, bias_ptr,               # (C,)
         tracked_ptr, new_tracked_ptr,       # () int64 num_batches_tracked, and its update
         matrix_ptr, centre_ptr, shift_ptr,  # (N, G, c, c), (N, G, c), (N, G, c) out
+        scratch_ptr,                        # (N, G, 4, c, c) Newton's scratch (SCRATCH)
         N, G, eps,
         K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, BIAS: tl.constexpr,
-        BATCH: tl.constexpr, UPDATE: tl.constexpr, NEWTON: tl.constexpr,
-        ITERATIONS: tl.constexpr,
-        C_PER: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        BATCH: tl.constexpr, UPDATE: tl.constexpr, SCRATCH: tl.constexpr,
+        ITERATIONS: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr,
+        PRECISION: tl.constexpr):
     instance = tl.program_id(0)
     rows, square = _offsets(C_PER)
     if UPDATE:
@@ -341,12 +386,13 @@ def _sw_mix_kernel(
             ACC)
         mean, mixed = _mixed(p, q, mu, cov, mu_b, cov_b, mean_ln, var_ln, eye, eps, K)
         at = instance.to(tl.int64)
-        if NEWTON:
-            matrix = _inverse_sqrt(mixed, eye, ITERATIONS, PRECISION, ACC)
-            if AFFINE:
-                matrix = matrix * tl.load(weight_ptr + g * C_PER + rows).to(ACC)[:, None]
+        if SCRATCH:
+            matrix = _inverse_sqrt_scratch(mixed, eye, scratch_ptr + at * 4 * C_PER * C_PER,
+                                           square, ITERATIONS, False, C_PER, ACC)
         else:
-            matrix = mixed
+            matrix = _inverse_sqrt(mixed, eye, ITERATIONS, PRECISION, ACC)
+        if AFFINE:
+            matrix = matrix * tl.load(weight_ptr + g * C_PER + rows).to(ACC)[:, None]
         shift = tl.zeros((C_PER,), dtype=ACC)
         if BIAS:
             shift = tl.load(bias_ptr + g * C_PER + rows).to(ACC)
@@ -359,72 +405,58 @@ def _sw_mix_kernel(
 def _sw_mix_backward_kernel(
         mean_ptr, cov_ptr, batch_mean_ptr, batch_cov_ptr,  # as for _sw_mix_kernel
         mean_logit_ptr, var_logit_ptr, weight_ptr,
-        whitening_ptr,                      # (N, G, c, c) S^{-1/2} (read when not NEWTON)
         scratch_ptr,                        # (N, G, 3T + 3, c, c) scratch for Newton's backward
         outer_ptr, sum_dy_ptr,              # (S, N, G, c, c), (S, N, G, c) per-split sums
-        d_cov_ptr,                          # (N, G, c, c) dS out (STAGE 1: dW out, 2: dS in)
+        d_cov_ptr,                          # (N, G, c, c) dS out
         d_centre_ptr,                       # (N, G, c) dm out
         d_gamma_ptr,                        # (N, G, c) per-instance terms of d gamma, out
         partial_ptr,                        # (N, G, PARTIALS) out
         N, G, S, eps,
-        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr, NEWTON: tl.constexpr,
-        STAGE: tl.constexpr, ITERATIONS: tl.constexpr, C_PER: tl.constexpr,
-        ACC: tl.constexpr, PRECISION: tl.constexpr):
+        K: tl.constexpr, LOGITS: tl.constexpr, AFFINE: tl.constexpr,
+        ITERATIONS: tl.constexpr, C_PER: tl.constexpr, ACC: tl.constexpr):
     at, n, g, rows, square, p, q, eye = _instance(G, mean_logit_ptr, var_logit_ptr, K,
                                                   LOGITS, C_PER, ACC)
     mu, cov, mu_b, cov_b, mean_ln, var_ln = _statistics(
         mean_ptr, cov_ptr, batch_mean_ptr, batch_cov_ptr, at, n, g, G, K, C_PER, ACC)
-    if STAGE != 2:
-        outer = tl.zeros((C_PER, C_PER), dtype=ACC)
-        sum_dy = tl.zeros((C_PER,), dtype=ACC)
-        for s in range(S):  # the sums pass's splits, added in a fixed order
-            outer += tl.load(outer_ptr + (s * N * G + at) * C_PER * C_PER + square)
-            sum_dy += tl.load(sum_dy_ptr + (s * N * G + at) * C_PER + rows)
-        _, mixed = _mixed(p, q, mu, cov, mu_b, cov_b, mean_ln, var_ln, eye, eps, K)
-        scratch = scratch_ptr + at * (3 * ITERATIONS + 3) * C_PER * C_PER
-        if NEWTON:
-            whitening = _inverse_sqrt_keeping(mixed, eye, scratch, square, ITERATIONS, C_PER,
-                                              PRECISION, ACC)
-        else:
-            whitening = tl.load(whitening_ptr + at * C_PER * C_PER + square)
-        gamma = tl.full((C_PER,), 1.0, dtype=ACC)
-        if AFFINE:
-            gamma = tl.load(weight_ptr + g * C_PER + rows).to(ACC)
-        d_centre = -tl.sum(gamma[:, None] * whitening * sum_dy[:, None], axis=0)  # -M^T s
-        d_whitening = gamma[:, None] * outer
-        tl.store(d_gamma_ptr + at * C_PER + rows, tl.sum(outer * whitening, axis=1))
-        tl.store(d_centre_ptr + at * C_PER + rows, d_centre)
-        if NEWTON:
-            d_mixed = _inverse_sqrt_backward(mixed, whitening, d_whitening, eye, scratch,
-                                             square, ITERATIONS, C_PER, PRECISION, ACC)
-        else:
-            d_mixed = d_whitening
-            tl.store(d_cov_ptr + at * C_PER * C_PER + square, d_whitening)
-    if STAGE != 1:
-        if STAGE == 2:
-            d_mixed = tl.load(d_cov_ptr + at * C_PER * C_PER + square)
-            d_centre = tl.load(d_centre_ptr + at * C_PER + rows)
-        else:
-            tl.store(d_cov_ptr + at * C_PER * C_PER + square, d_mixed)
-        d_diagonal = d_mixed * eye
-        dm_mu = tl.sum(d_centre * mu, axis=0)
-        dm_mu_b = tl.sum(d_centre * mu_b, axis=0)
-        ds_cov = _total(d_mixed * cov)
-        ds_cov_b = _total(d_mixed * cov_b)
-        sum_dm = tl.sum(d_centre, axis=0)
-        trace_ds = _total(d_diagonal)
-        if K == 5:
-            d_p = _vector8(dm_mu_b, dm_mu, dm_mu_b, dm_mu, mean_ln * sum_dm)
-            d_q = _vector8(ds_cov_b, ds_cov, _total(d_diagonal * cov_b),
-                           _total(d_diagonal * cov), var_ln * trace_ds)
-        else:
-            d_p = _vector8(dm_mu_b, dm_mu, mean_ln * sum_dm, 0.0, 0.0)
-            d_q = _vector8(ds_cov_b, ds_cov, var_ln * trace_ds, 0.0, 0.0)
-        k = tl.arange(0, 8)
-        row = partial_ptr + at * 24
-        tl.store(row + k, d_p)
-        tl.store(row + 8 + k, d_q)
-        tl.store(row + 16 + k, _vector8(sum_dm, trace_ds, 0.0, 0.0, 0.0))
+    outer = tl.zeros((C_PER, C_PER), dtype=ACC)
+    sum_dy = tl.zeros((C_PER,), dtype=ACC)
+    for s in range(S):  # the sums pass's splits, added in a fixed order
+        outer += tl.load(outer_ptr + (s * N * G + at) * C_PER * C_PER + square)
+        sum_dy += tl.load(sum_dy_ptr + (s * N * G + at) * C_PER + rows)
+    _, mixed = _mixed(p, q, mu, cov, mu_b, cov_b, mean_ln, var_ln, eye, eps, K)
+    scratch = scratch_ptr + at * (3 * ITERATIONS + 3) * C_PER * C_PER
+    whitening = _inverse_sqrt_scratch(mixed, eye, scratch, square, ITERATIONS, True, C_PER,
+                                      ACC)
+    gamma = tl.full((C_PER,), 1.0, dtype=ACC)
+    if AFFINE:
+        gamma = tl.load(weight_ptr + g * C_PER + rows).to(ACC)
+    d_centre = -tl.sum(gamma[:, None] * whitening * sum_dy[:, None], axis=0)  # -M^T s
+    tl.store(d_gamma_ptr + at * C_PER + rows, tl.sum(outer * whitening, axis=1))
+    tl.store(d_centre_ptr + at * C_PER + rows, d_centre)
+    d_mixed = _inverse_sqrt_backward(_total(mixed * eye), whitening, gamma[:, None] * outer,
+                                     scratch, square, ITERATIONS, C_PER, ACC)
+    tl.store(d_cov_ptr + at * C_PER * C_PER + square, d_mixed)
+    # read again rather than kept live through Newton's backward (registers)
+    cov, cov_b = _covariances(cov_ptr, batch_cov_ptr, at, g, C_PER, ACC)
+    d_diagonal = d_mixed * _eye(C_PER, ACC)
+    dm_mu = tl.sum(d_centre * mu, axis=0)
+    dm_mu_b = tl.sum(d_centre * mu_b, axis=0)
+    ds_cov = _total(d_mixed * cov)
+    ds_cov_b = _total(d_mixed * cov_b)
+    sum_dm = tl.sum(d_centre, axis=0)
+    trace_ds = _total(d_diagonal)
+    if K == 5:
+        d_p = _vector8(dm_mu_b, dm_mu, dm_mu_b, dm_mu, mean_ln * sum_dm)
+        d_q = _vector8(ds_cov_b, ds_cov, _total(d_diagonal * cov_b),
+                       _total(d_diagonal * cov), var_ln * trace_ds)
+    else:
+        d_p = _vector8(dm_mu_b, dm_mu, mean_ln * sum_dm, 0.0, 0.0)
+        d_q = _vector8(ds_cov_b, ds_cov, var_ln * trace_ds, 0.0, 0.0)
+    k = tl.arange(0, 8)
+    row = partial_ptr + at * 24
+    tl.store(row + k, d_p)
+    tl.store(row + 8 + k, d_q)
+    tl.store(row + 16 + k, _vector8(sum_dm, trace_ds, 0.0, 0.0, 0.0))
 
 
 @triton.jit

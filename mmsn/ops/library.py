@@ -8,8 +8,6 @@
 * SW: :func:`sw_forward` (moments pass, BW moments, mixing kernel with Newton's iteration,
   whitening pass) and :func:`sw_backward` (sums pass, three small kernels for the mixing
   step's vector-Jacobian product, ``dx`` pass), the same way (``triton_switch_whiten.py``).
-  At 64 channels per group Newton's iteration and its backward (:func:`newton_backward`)
-  run as batched matmuls between the kernels.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
@@ -22,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .distributed import sync_world_size
-from .reference import inverse_sqrt_newton, stats_dtype
+from .reference import stats_dtype
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
@@ -195,13 +193,15 @@ _SW_PLANS = {
     'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
 }
 #: Warps of the per-group and per-instance mixing kernels by channels per group (Newton's
-#: backward at 32 per group fits 255 registers at 8 only with its products' operands read
-#: from scratch memory, see ``_product`` in ``switch_whiten_mixing.py``).
+#: products from scratch memory, see ``_product`` in ``switch_whiten_mixing.py``).
 _SW_MIX_WARPS = {16: 4, 32: 8, 64: 16}
-#: Group sizes whose mixing kernels run Newton's iteration (forward and backward) in
-#: registers. At 64 its five 64 x 64 iterates spill kilobytes at any warp count: there the
-#: mixing kernel writes the mixed covariance and Newton runs as batched matmuls.
-_NEWTON_IN_KERNEL = (16, 32)
+#: Warps of the forward mixing kernel: at 64 per group (Newton through scratch memory) 16
+#: left ptxas a 32-byte stack frame on sm_80, 32 none.
+_SW_MIX_FORWARD_WARPS = {16: 4, 32: 8, 64: 32}
+#: Group sizes whose mixing kernel runs Newton's iteration forward in registers. At 64 the
+#: 64 x 64 iterates and products spill kilobytes at any warp count: there the forward goes
+#: through scratch memory as the backward always does (``_inverse_sqrt_scratch``).
+_NEWTON_IN_REGISTERS = (16, 32)
 
 
 def batch_moments_views(batch: Tensor, groups: int, c: int) -> Tuple[Tensor, Tensor]:
@@ -471,8 +471,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
 
     Returns:
         tuple: ``y`` and what the backward needs: the IW ``mean`` and ``cov``, ``batch``
-        (``[mu_B, Sigma_B, T]`` as used), the affine map's ``matrix`` and ``centre``, and at
-        64 channels per group the mixed covariance and its inverse square root (else empty).
+        (``[mu_B, Sigma_B, T]`` as used), the affine map's ``matrix`` and ``centre``.
     """
     from ..kernels.switch_whiten_mixing import _sw_batch_kernel, _sw_mix_kernel
     n, groups, c, length = _groups_view(x, group_size).shape
@@ -508,28 +507,23 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
         source = running[0], running[1]
     matrix = x.new_empty((n, groups, c, c), dtype=dtype)
     centre, shift = x.new_empty((2, n, groups, c), dtype=dtype)
-    newton = c in _NEWTON_IN_KERNEL
+    scratch = c not in _NEWTON_IN_REGISTERS
     launch(_sw_mix_kernel, (max(n * groups, 1),), mean, cov, *source, batch, mean_logit,
            var_logit, batch if weight is None else weight, batch if bias is None else bias,
-           running[2], updated[2], matrix, centre, shift, n, groups, eps, K=sw_type,
-           LOGITS=logits, AFFINE=weight is not None, BIAS=bias is not None,
-           BATCH=use_batch_stats, UPDATE=update,
-           NEWTON=newton, ITERATIONS=iterations, PRECISION='ieee', **common)
-    mixed = whitening = batch[:0]
-    if not newton:  # the kernel wrote the mixed covariance
-        mixed, whitening = matrix, inverse_sqrt_newton(matrix, iterations)
-        matrix = whitening if weight is None else \
-            whitening * weight.to(dtype).reshape(groups, c, 1)
+           running[2], updated[2], matrix, centre, shift,
+           x.new_empty((n, groups, 4 if scratch else 0, c, c), dtype=dtype), n, groups, eps,
+           K=sw_type, LOGITS=logits, AFFINE=weight is not None, BIAS=bias is not None,
+           BATCH=use_batch_stats, UPDATE=update, SCRATCH=scratch, ITERATIONS=iterations,
+           PRECISION='ieee', **dict(common, num_warps=_SW_MIX_FORWARD_WARPS[c]))
     y = sw_whiten(x, matrix, centre, shift, group_size)
-    return y, mean, cov, batch, matrix, centre, mixed, whitening
+    return y, mean, cov, batch, matrix, centre
 
 
 def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
-                matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
-                mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], use_batch_stats: bool, group_size: int, sw_type: int,
-                iterations: int, eps: float, logits: bool = True,
-                process_group: Optional[object] = None, sync: bool = False,
+                matrix: Tensor, centre: Tensor, mean_logit: Tensor, var_logit: Tensor,
+                weight: Optional[Tensor], bias: Optional[Tensor], use_batch_stats: bool,
+                group_size: int, sw_type: int, iterations: int, eps: float,
+                logits: bool = True, process_group: Optional[object] = None, sync: bool = False,
                 input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
     """SW backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
     product (per instance, per group, per instance; synchronized layers all-reduce the BW
@@ -555,20 +549,12 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
     partial = x.new_empty((n, groups, PARTIALS), dtype=dtype)
     affine = weight is not None
     if n * groups:
-        newton = c in _NEWTON_IN_KERNEL
-        args = (mean, cov, *batch_moments_views(batch, groups, c), mean_logit, var_logit,
-                batch if weight is None else weight, batch if newton else whitening,
-                x.new_empty((n, groups, 3 * iterations + 3 if newton else 0, c, c),
-                            dtype=dtype), outers,
-                sums_dy, d_cov, d_centre, d_gamma, partial, n, groups, splits, eps)
-        options = dict(common, AFFINE=affine, NEWTON=newton, ITERATIONS=iterations,
-                       PRECISION='ieee')
-        if newton:
-            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=0, **options)
-        else:  # Newton's backward between the stages, as batched matmuls
-            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=1, **options)
-            d_cov.copy_(newton_backward(mixed, iterations, d_cov))
-            launch(_sw_mix_backward_kernel, (n * groups,), *args, STAGE=2, **options)
+        launch(_sw_mix_backward_kernel, (n * groups,), mean, cov,
+               *batch_moments_views(batch, groups, c), mean_logit, var_logit,
+               batch if weight is None else weight,
+               x.new_empty((n, groups, 3 * iterations + 3, c, c), dtype=dtype), outers,
+               sums_dy, d_cov, d_centre, d_gamma, partial, n, groups, splits, eps,
+               AFFINE=affine, ITERATIONS=iterations, **common)
     grad_batch = x.new_empty(groups * c + groups * c * c, dtype=dtype)
     d_mean_logit, d_var_logit = torch.empty_like(mean_logit), torch.empty_like(var_logit)
     d_weight = torch.empty_like(weight) if affine else None
@@ -589,31 +575,3 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
                    length, BATCH=use_batch_stats, **common)
         dx = sw_grad_input(x, dy, matrix, moment, mean, vector, group_size)
     return dx, d_mean_logit, d_var_logit, d_weight, d_bias
-
-
-def newton_backward(cov: Tensor, iterations: int, grad: Tensor) -> Tensor:
-    """The gradient through :func:`~mmsn.ops.reference.inverse_sqrt_newton` with respect to
-    ``cov``, written out (traceable, so the registered op has it under torch.compile too).
-
-    Forward: ``S = cov / tr``, ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 S``, ``out = P_T / sqrt(tr)``.
-    The iterates are recomputed (c x c matrices: cheap), then walked back.
-    """
-    t = lambda m: m.transpose(-1, -2)  # noqa: E731
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    normalised = cov / trace
-    iterates = [eye]
-    for _ in range(iterations):
-        p = iterates[-1]
-        iterates.append(1.5 * p - 0.5 * (p @ p @ p) @ normalised)
-    grad_p = grad / trace.sqrt()
-    grad_trace = -0.5 * (grad * iterates[-1]).sum((-1, -2), keepdim=True) / trace ** 1.5
-    grad_normalised = torch.zeros_like(cov)
-    for p in reversed(iterates[:-1]):
-        p2 = p @ p
-        grad_cube = -0.5 * grad_p                          # d loss / d (P^3 S)
-        grad_normalised = grad_normalised + t(p2 @ p) @ grad_cube
-        m = grad_cube @ t(normalised)                      # d loss / d P^3
-        grad_p = 1.5 * grad_p + m @ t(p2) + t(p) @ m @ t(p) + t(p2) @ m
-    grad_trace = grad_trace - (grad_normalised * cov).sum((-1, -2), keepdim=True) / trace ** 2
-    return grad_normalised / trace + grad_trace * eye

@@ -4,8 +4,8 @@ Forward: the moments pass, the BW moments (training), the mixing kernel (mixed m
 covariance, Newton's iteration, affine; the running-statistics update), the whitening pass.
 Backward: the sums pass, the mixing step's vector-Jacobian product in three small kernels,
 the ``dx`` pass. Synchronized layers add one stage and one collective each way. At 64
-channels per group Newton's iteration and its backward run as batched matmuls between the
-kernels (its iterates do not fit in registers).
+channels per group Newton's iterates go through scratch memory (they do not fit in
+registers), in the same kernels.
 
 As for SN (``triton_switch_norm.py``), :func:`~mmsn.ops.library.sw_forward` and
 :func:`~mmsn.ops.library.sw_backward` serve both eager autograd (:class:`_SwitchWhitenFunction`)
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .distributed import sync_world_size
-from .library import (_NEWTON_IN_KERNEL, KERNEL_GROUP_SIZES, as_groups, batch_moments_views,
-                      sw_backward, sw_forward, viewable)
+from .library import (KERNEL_GROUP_SIZES, as_groups, batch_moments_views, sw_backward,
+                      sw_forward, viewable)
 from .reference import ratios_of, switch_whiten_reference
 
 
@@ -104,7 +104,7 @@ def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Opt
                    use_batch_stats: bool, group_size: int, sw_type: int, iterations: int,
                    momentum: Optional[float], eps: float, logits: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                              Tensor, Tensor, Tensor]:
+                              Tensor]:
     """``sw_forward`` without mutation: also returns the updated running statistics (the
     caller copies them into the buffers), as custom ops with autograd may not mutate."""
     if running_mean is None:
@@ -118,13 +118,7 @@ def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Opt
     outputs = sw_forward(x, mean_logit, var_logit, weight, bias, running, use_batch_stats,
                          group_size, sw_type, iterations, momentum, eps, logits,
                          updated=updated)
-    # (custom ops may not return an input, a view of one, or one tensor twice: the empty
-    # placeholders, and at 64 per group without weight the matrix that is the whitening)
-    distinct, seen = [], set()
-    for t in outputs:
-        distinct.append(t.clone() if t.numel() == 0 or id(t) in seen else t)
-        seen.add(id(t))
-    return tuple(distinct) + tuple(new)
+    return tuple(outputs) + tuple(new)
 
 
 @_sw_forward_op.register_fake
@@ -134,34 +128,31 @@ def _(x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_bat
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     matrix = x.new_empty((n, groups, c, c), dtype=dtype)
     vector = x.new_empty((n, groups, c), dtype=dtype)
-    extra = tuple(torch.empty_like(matrix) if c not in _NEWTON_IN_KERNEL else
-                  x.new_empty(0, dtype=dtype) for _ in range(2))
     running = _empty_running(x) if running_mean is None else \
         (torch.empty_like(running_mean), torch.empty_like(running_cov),
          x.new_empty((), dtype=torch.long))
     return (torch.empty_like(x), vector, torch.empty_like(matrix),
             x.new_empty(groups * c + groups * c * c + 1, dtype=dtype), torch.empty_like(matrix),
-            torch.empty_like(vector)) + extra + running
+            torch.empty_like(vector)) + running
 
 
 @torch.library.custom_op('mmsn::sw_backward', mutates_args=())
 def _sw_backward_op(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
-                    matrix: Tensor, centre: Tensor, mixed: Tensor, whitening: Tensor,
-                    mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
-                    bias: Optional[Tensor], use_batch_stats: bool, group_size: int,
-                    sw_type: int, iterations: int, eps: float, logits: bool
+                    matrix: Tensor, centre: Tensor, mean_logit: Tensor, var_logit: Tensor,
+                    weight: Optional[Tensor], bias: Optional[Tensor], use_batch_stats: bool,
+                    group_size: int, sw_type: int, iterations: int, eps: float, logits: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, d_mean_logit, d_var_logit, d_weight, d_bias = sw_backward(
-        dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit,
-        weight, bias, use_batch_stats, group_size, sw_type, iterations, eps, logits)
+        dy, x, mean, cov, batch, matrix, centre, mean_logit, var_logit, weight, bias,
+        use_batch_stats, group_size, sw_type, iterations, eps, logits)
     empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731
     return (dx, d_mean_logit, d_var_logit, empty() if d_weight is None else d_weight,
             empty() if d_bias is None else d_bias)
 
 
 @_sw_backward_op.register_fake
-def _(dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var_logit, weight,
-      bias, use_batch_stats, group_size, sw_type, iterations, eps, logits):
+def _(dy, x, mean, cov, batch, matrix, centre, mean_logit, var_logit, weight, bias,
+      use_batch_stats, group_size, sw_type, iterations, eps, logits):
     affine = tuple(x.new_empty(0, dtype=torch.float32) if p is None else torch.empty_like(p)
                    for p in (weight, bias))
     return (torch.empty_like(x), torch.empty_like(mean_logit), torch.empty_like(var_logit)
@@ -169,7 +160,7 @@ def _(dy, x, mean, cov, batch, matrix, centre, mixed, whitening, mean_logit, var
 
 
 def _sw_op_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], *output[1:8])
+    ctx.save_for_backward(*inputs[:5], *output[1:6])
     ctx.mark_non_differentiable(*output[1:])
     ctx.config = SWConfig(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12],
                           inputs[13], inputs[14])
@@ -200,7 +191,7 @@ def _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean
         config.use_batch_stats, config.group_size, config.sw_type, config.iterations,
         config.momentum, config.eps, config.logits)
     if running_mean is not None and config.use_batch_stats:
-        for buffer, new in zip((running_mean, running_cov, num_batches_tracked), outputs[8:]):
+        for buffer, new in zip((running_mean, running_cov, num_batches_tracked), outputs[6:]):
             if buffer is not None:
                 buffer.copy_(new.detach())
     return outputs[0]
