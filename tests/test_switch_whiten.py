@@ -162,6 +162,21 @@ def test_no_nan_for_constant_input_single_pixel_and_batch_of_one():
         assert torch.isfinite(layer(x)).all()
 
 
+def test_empty_spatial_map_leaves_buffers_and_gives_zero_gradients():
+    """A map with no positions (H = 0, N > 0): zero moments, not NaN (``mean`` over an empty
+    dim), so the running statistics stay as they are and every gradient is zero."""
+    layer = SwitchWhiten2d(8, num_pergroup=4, sw_type=5)
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.randn(2, 8, 0, 3, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for name, param in layer.named_parameters():
+        assert torch.equal(param.grad, torch.zeros_like(param)), name
+
+
 @pytest.mark.parametrize('dtype,atol', [(torch.float16, 3e-2), (torch.bfloat16, 1e-1)])
 def test_low_precision_input_uses_float32_statistics(dtype, atol):
     x = random_input((4, 8, 5, 5), dtype=torch.float32)

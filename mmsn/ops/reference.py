@@ -228,7 +228,8 @@ def group_instance_moments(x: Tensor, num_pergroup: int) -> Tuple[Tensor, Tensor
     num_samples, channels = x.shape[:2]
     numel = math.prod(x.shape[2:])
     xg = x.to(stats_dtype(x)).reshape(num_samples, channels // num_pergroup, num_pergroup, numel)
-    mean_iw = xg.mean(-1)
+    # (sums over max(L, 1): an empty map has zero moments, where ``mean`` would give NaN)
+    mean_iw = xg.sum(-1) / max(numel, 1)
     centred = xg - mean_iw[..., None]
     return mean_iw, torch.matmul(centred, centred.transpose(-1, -2)) / max(numel, 1)
 
