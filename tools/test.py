@@ -9,7 +9,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import build_runner, common_arguments  # noqa: E402
+from mmsn.mm.launch import build_runner, common_arguments, finish_distributed  # noqa: E402
 
 
 def parse_args():
@@ -26,6 +26,7 @@ def main():
     args = parse_args()
     runner = build_runner(args, mode='test')
     runner.test()
+    finish_distributed()
 
 
 if __name__ == '__main__':

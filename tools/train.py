@@ -12,7 +12,8 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import build_runner, common_arguments, norm_arguments  # noqa: E402
+from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,  # noqa: E402
+                             norm_arguments)
 
 
 def parse_args():
@@ -33,6 +34,7 @@ def main():
     args = parse_args()
     runner = build_runner(args, mode='train')
     runner.train()
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -44,6 +44,17 @@ def init_cpu_distributed() -> None:
                             world_size=int(os.environ['WORLD_SIZE']))
 
 
+def finish_distributed() -> None:
+    """Destroys the default process group once a run has finished.
+
+    A process that exits with a live gloo group can abort during interpreter finalization
+    (gloo's worker threads still hold tensors: SIGABRT, "terminate called without an active
+    exception"), and torchrun then reports a finished run as failed; NCCL warns instead.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def prepare_config(cfg, args, mode: str):
     """Applies the command line to ``cfg``: work dir, options, launcher, resume, AMP, devices."""
     from mmengine.config import ConfigDict
