@@ -302,7 +302,8 @@ def _op_cases():
         return (torch.randn_like(t), t) + saved + forward[1:4] + (True, 1e-5, True)
 
     x32 = torch.randn(2, 64, 3, 2, generator=g)
-    x64 = torch.randn(2, 64, 2, 2, generator=g)
+    x64 = torch.randn(1, 64, 2, 2, generator=g)
+    x16 = torch.randn(1, 16, 2, 2, generator=g)
 
     def sw_forward_args(t, train, per_group, affine=True, sw_type=5):
         c, groups = t.shape[1], t.shape[1] // per_group
@@ -324,8 +325,8 @@ def _op_cases():
         ('sw_forward', sw_forward_args(cl, True, 16)), ('sw_forward', sw_forward_args(x32, False, 16)),
         ('sw_forward', sw_forward_args(cl, True, 32, affine=False)),
         ('sw_backward', sw_backward_args(cl, 16)),
+        ('sw_backward', sw_backward_args(x16, 16, affine=False)),  # (empty d_weight, d_bias)
         ('sw_forward', sw_forward_args(x64, True, 64, affine=False)),
-        ('sw_backward', sw_backward_args(x64, 64, affine=False)),
     ]
 
 
