@@ -3,7 +3,9 @@
 ``harden_ratios`` turns soft ratios into their argmax, for finetuning or inference.
 ``deploy_hard_switchable`` then rewrites an eval model: an SN layer that picks BN for both the
 mean and the variance is a per-channel affine map and folds into the preceding convolution;
-one that picks IN or LN keeps only the statistics it uses.
+one that picks IN or LN keeps only the statistics it uses. An SW layer that takes its mean
+and covariance from the batch statistics (BW or BN) is a fixed block-diagonal linear map in
+eval, and folds into the preceding convolution too (or becomes a grouped 1x1 convolution).
 """
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
@@ -16,6 +18,8 @@ from .analysis import ratios_from_state_dict, ssn_ratios
 from .converters.resnet import ZERO_RATIO_LOGIT
 from .layers import SwitchableLayer
 from .layers.switch_norm import _SwitchNorm
+from .layers.switch_whiten import SwitchWhiten2d
+from .ops.reference import switch_whiten_coefficients
 
 #: logits that end with these names are ratio logits (SN, then SW)
 RATIO_LOGITS = ('mean_weight', 'var_weight', 'sw_mean_weight', 'sw_var_weight')
@@ -191,14 +195,67 @@ def _fold_into_conv(conv: nn.Conv2d, scale: Tensor, shift: Tensor) -> None:
     conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
 
 
+#: SW statistics taken from the running (batch) moments in eval
+_BATCH_STATISTICS = ('bw', 'bn')
+
+
+def _whitening_map(layer: SwitchWhiten2d) -> Tuple[Tensor, Tensor]:
+    """``(B, offset)`` with ``y = B x + offset`` for an eval SW layer whose mean and
+    covariance come from its running moments: ``B`` ``(C, C)`` block-diagonal (one
+    ``diag(gamma) S^{-1/2}`` block per group, by the layer's own method and T), in float64."""
+    groups, c = layer.num_groups, layer.num_pergroup
+    mean_ratio, var_ratio = layer.ratios()
+    # zero IW moments of one sample: with one-hot ratios on BW/BN they do not enter
+    zeros = layer.running_mean.new_zeros((1, groups, c), dtype=torch.float64)
+    weight = None if layer.weight is None else layer.weight.double()
+    bias = None if layer.bias is None else layer.bias.double()
+    matrix, centre, shift = switch_whiten_coefficients(
+        zeros, zeros[..., None] * zeros[..., None, :], 1, mean_ratio.double(),
+        var_ratio.double(), weight, bias, layer.running_mean, layer.running_cov, None,
+        False, layer.sw_type, layer.T, None, layer.eps, layer.method)
+    matrix, centre, shift = matrix[0], centre[0], shift[0]
+    offset = shift - (matrix @ centre[..., None]).squeeze(-1)
+    return torch.block_diag(*matrix), offset.reshape(-1)
+
+
+@torch.no_grad()
+def _fold_linear_into_conv(conv: nn.Conv2d, matrix: Tensor, offset: Tensor) -> None:
+    """``conv`` followed by ``y = matrix x + offset`` over its output channels, as one conv."""
+    dtype = conv.weight.dtype
+    weight = matrix @ conv.weight.double().reshape(conv.out_channels, -1)
+    conv.weight.copy_(weight.reshape(conv.weight.shape).to(dtype))
+    bias = offset if conv.bias is None else matrix @ conv.bias.double() + offset
+    conv.bias = nn.Parameter(bias.to(dtype))
+
+
+def _grouped_conv(matrix: Tensor, offset: Tensor, groups: int, like: Tensor) -> nn.Conv2d:
+    """``y = matrix x + offset`` (block-diagonal ``matrix``) as a grouped 1x1 convolution."""
+    channels = offset.numel()
+    c = channels // groups
+    conv = nn.Conv2d(channels, channels, 1, groups=groups).to(like.device, like.dtype)
+    blocks = torch.stack([matrix[g * c:(g + 1) * c, g * c:(g + 1) * c] for g in range(groups)])
+    conv.weight.data.copy_(blocks.reshape(channels, c, 1, 1))
+    conv.bias.data.copy_(offset)
+    return conv
+
+
+def _can_fold(previous: Optional[nn.Module], channels: int) -> bool:
+    """A plain convolution right before the layer, with its channels (fuse_conv_bn's rule)."""
+    return (isinstance(previous, nn.modules.conv._ConvNd) and not previous.transposed
+            and previous.groups == 1 and previous.out_channels == channels)
+
+
 @torch.no_grad()
 def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
-    """Rewrites the SN layers with one-hot ratios of an eval ``model``, in place.
+    """Rewrites the SN and SW layers with one-hot ratios of an eval ``model``, in place.
 
-    BN/BN layers right after a convolution (in their parent's child order, as mmcv's
+    SN: BN/BN layers right after a convolution (in their parent's child order, as mmcv's
     ``fuse_conv_bn`` assumes) are folded into it and become ``nn.Identity``; other BN/BN
-    layers become :class:`ChannelAffine`; the rest :class:`HardSwitchNorm`. Layers with
-    soft ratios, SyncSN in training and SW layers are left as they are.
+    layers become :class:`ChannelAffine`; the rest :class:`HardSwitchNorm`. SW (and SyncSW)
+    layers whose mean and covariance both come from the batch statistics (BW or BN, i.e.
+    the running moments in eval) are folded the same way, or become a grouped 1x1
+    ``nn.Conv2d``. Layers with soft ratios and SW layers that pick IW, IN or LN (per-sample
+    whitening has no fixed form) are left as they are.
 
     Returns:
         dict: ``{layer: what it became}``.
@@ -209,12 +266,23 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
         previous = None
         for name, child in list(parent.named_children()):
             path = f'{prefix}{name}'
-            choice = hard_choice(child) if isinstance(child, _SwitchNorm) else None
-            if choice is not None:
+            choice = hard_choice(child) if isinstance(child, (_SwitchNorm, SwitchWhiten2d)) \
+                else None
+            if isinstance(child, SwitchWhiten2d):
+                if choice is not None and set(choice) <= set(_BATCH_STATISTICS):
+                    matrix, offset = _whitening_map(child)
+                    if _can_fold(previous, child.num_features):
+                        _fold_linear_into_conv(previous, matrix, offset)
+                        setattr(parent, name, nn.Identity())
+                        done[path] = 'folded into the preceding conv'
+                    else:
+                        setattr(parent, name, _grouped_conv(matrix, offset, child.num_groups,
+                                                            child.running_cov))
+                        done[path] = 'grouped 1x1 conv'
+            elif choice is not None:
                 if choice == ('bn', 'bn') and child.using_bn:
                     scale, shift = _bn_affine(child)
-                    if (isinstance(previous, nn.modules.conv._ConvNd) and not previous.transposed
-                            and previous.groups == 1 and previous.out_channels == scale.numel()):
+                    if _can_fold(previous, scale.numel()):
                         _fold_into_conv(previous, scale, shift)
                         setattr(parent, name, nn.Identity())
                         done[path] = 'folded into the preceding conv'

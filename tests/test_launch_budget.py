@@ -62,9 +62,11 @@ def test_sw_training_step_within_budget(sw_type, group):
     assert not syncs, syncs
 
 
-def test_sw_eval_forward():
-    forward, _, syncs = step(SwitchWhiten2d(SHAPE[1], num_pergroup=16, sw_type=5),
-                             training=False)
+@pytest.mark.parametrize('group', [16, 64])
+def test_sw_eval_forward(group):
+    channels = max(SHAPE[1], group)
+    forward, _, syncs = step(SwitchWhiten2d(channels, num_pergroup=group, sw_type=5),
+                             training=False, channels=channels)
     assert forward.total <= 3, forward
     assert not syncs, syncs
 

@@ -229,6 +229,66 @@ def test_channel_affine_without_a_preceding_conv():
     torch.testing.assert_close(model(x), expected)
 
 
+def random_sw_statistics(layer, choice=None):
+    """Random affine and running moments (SPD covariance); ratios one-hot on ``choice``
+    (mean statistic, covariance statistic) when given."""
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_(0, 0.2)
+        layer.running_mean.normal_(0, 0.3)
+        a = torch.randn(layer.running_cov.shape) * 0.3
+        layer.running_cov.copy_(a @ a.transpose(1, 2) + 0.5 * torch.eye(layer.num_pergroup))
+        for logits, statistic in zip((layer.sw_mean_weight, layer.sw_var_weight),
+                                     choice or (None, None)):
+            logits.normal_()
+            if statistic is not None:
+                logits[layer.statistics.index(statistic)] = 20.0
+
+
+@pytest.mark.parametrize('sw_type', [2, 5])
+def test_deployed_sw_resnet_equals_the_hard_ratio_model(sw_type):
+    """SW layers whose hard ratios pick the batch statistics (BW, or BN for sw_type 5) fold
+    into the preceding conv; one that picks IW stays."""
+    pytest.importorskip('mmdet')
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='SWResNet', depth=18, base_channels=16, norm_cfg=dict(type='BN'), init_cfg=None,
+        sw_cfg=dict(type='SW', sw_type=sw_type, num_pergroup=8),
+        sw_layers=['norm1', 'layer1.0.norm2', 'layer1.1.norm1', 'layer2.0.norm2']))
+    batch = ('bw', 'bn') if sw_type == 5 else ('bw', 'bw')
+    choices = [('bw', 'bw'), batch, ('iw', 'bw'), ('bw', 'bw')]
+    layers = [m for m in model.modules() if isinstance(m, SwitchWhiten2d)]
+    for layer, choice in zip(layers, choices):
+        random_sw_statistics(layer, choice)
+    assert list(harden_ratios(model).values()) == choices
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        done = deploy_hard_switchable(model)
+        got = model(x)
+    assert done == {name: 'folded into the preceding conv' for name in
+                    ('sw1', 'layer1.0.sw2', 'layer2.0.sw2')}
+    assert isinstance(model.layer1[1].sw1, SwitchWhiten2d)  # per-sample: left
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sw_without_a_preceding_conv_becomes_a_grouped_conv():
+    layer = SwitchWhiten2d(16, num_pergroup=8, sw_type=2, T=3)
+    random_sw_statistics(layer, ('bw', 'bw'))
+    model = torch.nn.Sequential(torch.nn.ReLU(), layer)
+    harden_ratios(model)
+    model.eval()
+    x = torch.randn(2, 16, 3, 3)
+    expected = model(x)
+    assert deploy_hard_switchable(model) == {'1': 'grouped 1x1 conv'}
+    assert isinstance(model[1], torch.nn.Conv2d) and model[1].groups == 2
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
     from mmengine.runner import Runner
     cfg = short_demo_run(max_iters=4, interval=4)

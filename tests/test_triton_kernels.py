@@ -204,6 +204,20 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
         compare(layer, x, torch.float32, monkeypatch, train=False)
 
 
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+def test_sw_kernels_at_64_per_group_in_float64(layout, monkeypatch):
+    """Newton through scratch memory (64 per group) against the reference in float64,
+    forward, backward and buffers, train and eval: sw_type 5 (every statistic), T = 2 (the
+    backward's dynamic loop at another count), two groups."""
+    layer = random_whitening(128, torch.float64, num_pergroup=64, sw_type=5, T=2)
+    x = torch.randn(2, 128, 3, 3, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64) + 0.5
+    if layout == 'channels_last':
+        x = x.to(memory_format=torch.channels_last)
+    compare(layer, x, torch.float64, monkeypatch, train=True)
+    compare(layer, x, torch.float64, monkeypatch, train=False)
+
+
 @pytest.mark.parametrize('which', ['weight', 'bias'])
 def test_sw_weight_and_bias_are_independent(which, monkeypatch):
     """The functional op with only one of the affine parameters (the layers have both or

@@ -15,11 +15,11 @@ Forward, three small kernels between the moments pass and the whitening pass:
 
       m = sum_k p_k mean_k,   S = sum_k q_k cov_k + eps I,   M = diag(gamma) S^{-1/2}
 
-  with Newton's iteration for ``S^{-1/2}`` in registers (``P_0 = I``,
+  with Newton's iteration for ``S^{-1/2}`` (``P_0 = I``,
   ``P_{k+1} = (3 P_k - P_k^3 S / tr S) / 2``, result ``P_T / sqrt(tr S)``), writing the
-  affine map ``y = M (x - m) + beta`` of the instance. At 64 channels per group the
-  iterates do not fit in registers: with ``SCRATCH`` they go through scratch memory, each
-  product as rank-one updates from there (:func:`_product`).
+  affine map ``y = M (x - m) + beta`` of the instance. At 16 and 32 channels per group the
+  iterates stay in registers; at 64 they do not fit: with ``SCRATCH`` they go through
+  scratch memory, each product as rank-one updates read from there (:func:`_product`).
 
 Backward, between the ``dy`` sums pass (``G = sum dy (x - m)^T``, ``s = sum dy``) and the
 ``dx`` pass ``dx = M^T dy + A (x - mu_n) + v``:
@@ -178,7 +178,8 @@ def _inverse_sqrt(mixed, eye, ITERATIONS: tl.constexpr, PRECISION: tl.constexpr,
 def _product(a_ptr, b_ptr, C_PER: tl.constexpr, ACC: tl.constexpr):
     """``A @ B`` of two c x c matrices in scratch memory, the operands loaded for this one
     product. From c = 32 as c rank-one updates, a column of ``A`` and a row of ``B`` loaded
-    per step (from L1: the program's scratch is small): ``tl.dot`` on CUDA cores (IEEE
+    per step (mostly from L1/L2: one step of Newton's backward touches about 96 KiB at
+    c = 64 in float32): ``tl.dot`` on CUDA cores (IEEE
     float32) holds whole row and column strips of its operands per thread, and Newton's
     backward then needs all 255 registers at c = 32 and spills at c = 64 whatever the warps.
     At c = 16 ``tl.dot`` fits, and the interpreter runs it much faster than the loop."""
@@ -211,8 +212,8 @@ def _inverse_sqrt_scratch(mixed, eye, scratch_ptr, square, ITERATIONS: tl.conste
         p_ptr = scratch_ptr + 3 * (k if KEEP else 0) * size
         square_ptr = p_ptr + size
         cube_ptr = p_ptr + 2 * size
-        if not KEEP:
-            tl.debug_barrier()  # (the slot's last reads by other threads of this program)
+        # (reusing one slot: P's last reads, in the products of P^2 and P^3, are behind the
+        # barrier after the P^3 store)
         tl.store(p_ptr + square, p)
         tl.debug_barrier()  # (read by other threads of this program)
         tl.store(square_ptr + square, _product(p_ptr, p_ptr, C_PER, ACC))
@@ -242,7 +243,8 @@ def _newton_backward_step(grad_p, grad_normalised, p_ptr, normalised_ptr, m_ptr,
     tl.store(m_ptr + square, p_m)  # (reused: P m, for P m P)
     tl.debug_barrier()
     grad_p += _product(m_ptr, p_ptr, C_PER, ACC)
-    tl.debug_barrier()  # (read by other threads before the next step writes g and m)
+    # (the next step writes g, last read before the second barrier above, then m after its
+    # own first barrier)
     return grad_p, grad_normalised
 
 

@@ -17,8 +17,8 @@ flight per SM; at 128 registers per thread an SM holds 512 threads (16 warps, a 
 its thread slots on sm_80/sm_90), which with these kernels' wide vector loads keeps enough
 loads outstanding to approach bandwidth. Above that, occupancy halves again and latency is
 no longer hidden. The mixing kernels (SN's one program per layer; SW's one program per group
-or per instance, with Newton's iteration in registers) work on the moments, not on x: they
-are latency-bound and may use up to 255 registers, but never spill.
+or per instance, with Newton's iteration in registers or scratch memory) work on the
+moments, not on x: they are latency-bound and may use up to 255 registers, but never spill.
 """
 import argparse
 import json
