@@ -273,13 +273,13 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
     meta = dict(ACC=accumulator(dtype))
     stats = x.new_empty(2 * n + 2 * c + 1, dtype=dtype)
     mean_in, var_in, scale = (x.new_empty((n, c), dtype=dtype) for _ in range(3))
-    pivot, shift = x.new_empty((2, n, c), dtype=dtype)
+    pivot, shift = x.new_empty((2, n, c), dtype=dtype).unbind()
     splits, chunk = 0, 1
     partial_means = partial_m2s = stats  # (no moments pass: nothing is read)
     if _has_work(n, c, length):
         plan = _SNPlan(x)
         splits, chunk = plan.splits, plan.chunk
-        partial_means, partial_m2s = x.new_empty((2, splits, n, c), dtype=dtype)
+        partial_means, partial_m2s = x.new_empty((2, splits, n, c), dtype=dtype).unbind()
         launch(_moments_kernel, plan.reduce_grid, x, pivot, partial_means, partial_m2s, c,
                length, n * c, plan.chunk, *x.stride(), **plan.meta(dtype))
     update = use_batch_stats and running is not None and k == 3
@@ -337,7 +337,7 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
     if _has_work(n, c, length):
         plan = _SNPlan(x)
         splits = plan.splits
-        sums_dy, sums_dyc = x.new_empty((2, splits, n, c), dtype=dtype)
+        sums_dy, sums_dyc = x.new_empty((2, splits, n, c), dtype=dtype).unbind()
         launch(_grad_sums_kernel, plan.reduce_grid, x, dy, mean_in, sums_dy, sums_dyc, c,
                length, n * c, plan.chunk, *x.stride(), *dy.stride(), **plan.meta(dtype))
     grad_stats = x.new_empty(2 * n + 2 * c, dtype=dtype)
@@ -345,7 +345,7 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
     affine = weight is not None
     d_weight, d_bias = (torch.empty_like(weight), torch.empty_like(weight)) if affine else \
         (None, None)
-    a, b = x.new_empty((2, n, c), dtype=dtype)
+    a, b = x.new_empty((2, n, c), dtype=dtype).unbind()
     args = (sums_dy, sums_dyc, mean_in, var_in, stats, mean_weight, var_weight,
             stats if weight is None else weight, grad_stats, d_mean_weight, d_var_weight,
             stats if d_weight is None else d_weight, stats if d_bias is None else d_bias,
@@ -506,7 +506,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     else:
         source = running[0], running[1]
     matrix = x.new_empty((n, groups, c, c), dtype=dtype)
-    centre, shift = x.new_empty((2, n, groups, c), dtype=dtype)
+    centre, shift = x.new_empty((2, n, groups, c), dtype=dtype).unbind()
     scratch = c not in _NEWTON_IN_REGISTERS
     launch(_sw_mix_kernel, (max(n * groups, 1),), mean, cov, *source, batch, mean_logit,
            var_logit, batch if weight is None else weight, batch if bias is None else bias,
@@ -545,7 +545,7 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
     outers, sums_dy = sw_grad_sums(x, dy, centre, group_size)
     splits = outers.shape[0]
     d_cov = x.new_empty((n, groups, c, c), dtype=dtype)
-    d_centre, d_gamma = x.new_empty((2, n, groups, c), dtype=dtype)
+    d_centre, d_gamma = x.new_empty((2, n, groups, c), dtype=dtype).unbind()
     partial = x.new_empty((n, groups, PARTIALS), dtype=dtype)
     affine = weight is not None
     if n * groups:
