@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (add_smoke_option, environment_variable, mmsn_backend,  # noqa: E402
-                    report)
+                    positive_int, report)
 
 
 def layers(channels: int):
@@ -63,9 +63,9 @@ def timed_steps(layer, x, dy, steps: int, launch: bool):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--shape', type=int, nargs=4, default=[2, 64, 2, 2])
-    parser.add_argument('--steps', type=int, default=1000)
-    parser.add_argument('--rounds', type=int, default=20,
+    parser.add_argument('--shape', type=positive_int, nargs=4, default=[2, 64, 2, 2])
+    parser.add_argument('--steps', type=positive_int, default=1000)
+    parser.add_argument('--rounds', type=positive_int, default=20,
                         help='the steps of every layer in this many interleaved chunks, so '
                              'that a slow spell of the machine hits every layer alike')
     parser.add_argument('--csv', default='benchmarks/results/host_overhead.csv')

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import add_smoke_option, report  # noqa: E402
+from common import add_smoke_option, positive_int, report  # noqa: E402
 
 CASES = [
     ('torch', 'import torch'),
@@ -33,7 +33,7 @@ def seconds(code: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=positive_int, default=5)
     parser.add_argument('--csv', default='benchmarks/results/import.csv')
     add_smoke_option(parser)
     args = parser.parse_args(argv)

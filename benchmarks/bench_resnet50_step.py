@@ -19,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import add_smoke_option, measure, mmsn_backend, report  # noqa: E402
+from common import add_smoke_option, measure, mmsn_backend, positive_int, report  # noqa: E402
 
 STAGES = (3, 4, 6, 3)
 # the SW release's placement: the stem and norm2 of odd-indexed blocks of stages 1-3
@@ -79,10 +79,10 @@ def resnet50(kind: str, width: int = 64) -> nn.Module:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--batch', type=positive_int, default=32)
+    parser.add_argument('--size', type=positive_int, default=224)
     parser.add_argument('--kinds', nargs='+', default=['bn', 'gn', 'sn', 'sw7'])
-    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--repeats', type=positive_int, default=10)
     parser.add_argument('--compile', action='store_true', help='torch.compile each model')
     parser.add_argument('--csv', default='benchmarks/results/resnet50_step.csv')
     add_smoke_option(parser)

@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import add_smoke_option, measure, mmsn_backend, report  # noqa: E402
+from common import add_smoke_option, measure, mmsn_backend, positive_int, report  # noqa: E402
 
 # (channels, height, width) of the norm layers of ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -80,7 +80,7 @@ def time_layer(layer, backend, x, what, repeats=5):
 
 def parse_args(description, argv=None, default_csv='benchmarks/results/switch_norm.csv'):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('--batches', type=int, nargs='+', default=[2, 8, 32])
+    parser.add_argument('--batches', type=positive_int, nargs='+', default=[2, 8, 32])
     parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'])
     parser.add_argument('--csv', default=default_csv)

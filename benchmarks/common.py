@@ -1,4 +1,5 @@
 """Timing, environment facts and table/CSV output shared by the benchmarks."""
+import argparse
 import contextlib
 import csv
 import os
@@ -63,6 +64,15 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> floa
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts and sizes: a clear error for 0 or less (rather than a
+    ZeroDivisionError or an empty table later)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {value}')
+    return value
 
 
 def add_smoke_option(parser) -> None:

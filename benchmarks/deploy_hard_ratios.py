@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from common import add_smoke_option, measure, report  # noqa: E402
+from common import add_smoke_option, measure, positive_int, report  # noqa: E402
 
 
 def build(norm: str):
@@ -40,9 +40,9 @@ def with_choices(model, bn_share: float, seed: int = 0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--batch', type=positive_int, default=8)
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--repeats', type=positive_int, default=5)
     parser.add_argument('--csv', default='benchmarks/results/deploy_hard_ratios.csv')
     add_smoke_option(parser)
     args = parser.parse_args(argv)

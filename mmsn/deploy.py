@@ -204,14 +204,17 @@ def _whitening_map(layer: SwitchWhiten2d) -> Tuple[Tensor, Tensor]:
     covariance come from its running moments: ``B`` ``(C, C)`` block-diagonal (one
     ``diag(gamma) S^{-1/2}`` block per group, by the layer's own method and T), in float64."""
     groups, c = layer.num_groups, layer.num_pergroup
-    mean_ratio, var_ratio = layer.ratios()
+    # exact one-hot ratios of the choice: the softmax of hard logits is one-hot only to
+    # within exp(ZERO_RATIO_LOGIT), and the IW/IN parts must not leak into the fixed map
+    mean_ratio, var_ratio = (F.one_hot(ratio.argmax(), ratio.numel()).to(torch.float64)
+                             for ratio in layer.ratios())
     # zero IW moments of one sample: with one-hot ratios on BW/BN they do not enter
     zeros = layer.running_mean.new_zeros((1, groups, c), dtype=torch.float64)
     weight = None if layer.weight is None else layer.weight.double()
     bias = None if layer.bias is None else layer.bias.double()
     matrix, centre, shift = switch_whiten_coefficients(
-        zeros, zeros[..., None] * zeros[..., None, :], 1, mean_ratio.double(),
-        var_ratio.double(), weight, bias, layer.running_mean, layer.running_cov, None,
+        zeros, zeros[..., None] * zeros[..., None, :], 1, mean_ratio,
+        var_ratio, weight, bias, layer.running_mean, layer.running_cov, None,
         False, layer.sw_type, layer.T, None, layer.eps, layer.method)
     matrix, centre, shift = matrix[0], centre[0], shift[0]
     offset = shift - (matrix @ centre[..., None]).squeeze(-1)
@@ -239,10 +242,28 @@ def _grouped_conv(matrix: Tensor, offset: Tensor, groups: int, like: Tensor) -> 
     return conv
 
 
+def _foldable_conv_types() -> Tuple[type, ...]:
+    """Convolutions whose output is exactly ``conv(x, weight) + bias`` of their parameters.
+
+    An exact-type list, not ``isinstance``: subclasses such as mmcv's ``ConvWS2d``,
+    ``ConvAWS2d`` and ``SAConv2d`` rewrite their weight in ``forward``, so a weight folded
+    into them would be rewritten too (silently wrong outputs). mmcv's ``Conv2d``/``Conv3d``
+    wrappers only add empty-input handling, so they fold.
+    """
+    types = [nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    try:
+        from mmcv.cnn.bricks import wrappers
+    except ImportError:  # mmcv is optional for the layers and their deployment
+        return tuple(types)
+    return tuple(types + [getattr(wrappers, name) for name in ('Conv2d', 'Conv3d')
+                          if hasattr(wrappers, name)])
+
+
 def _can_fold(previous: Optional[nn.Module], channels: int) -> bool:
-    """A plain convolution right before the layer, with its channels (fuse_conv_bn's rule)."""
-    return (isinstance(previous, nn.modules.conv._ConvNd) and not previous.transposed
-            and previous.groups == 1 and previous.out_channels == channels)
+    """A plain convolution right before the layer, with its channels (fuse_conv_bn's rule,
+    narrowed to convolutions that use their weight as it is)."""
+    return (type(previous) in _foldable_conv_types() and previous.groups == 1
+            and previous.out_channels == channels)
 
 
 @torch.no_grad()
@@ -276,8 +297,9 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
                         setattr(parent, name, nn.Identity())
                         done[path] = 'folded into the preceding conv'
                     else:
+                        like = child.running_cov if child.weight is None else child.weight
                         setattr(parent, name, _grouped_conv(matrix, offset, child.num_groups,
-                                                            child.running_cov))
+                                                            like))
                         done[path] = 'grouped 1x1 conv'
             elif choice is not None:
                 if choice == ('bn', 'bn') and child.using_bn:
@@ -295,8 +317,10 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
             else:
                 visit(child, f'{path}.')
             previous = child
-    if model.training:
+    training = [name or '(the model)' for name, module in model.named_modules()
+                if module.training and (module is model or isinstance(module, SwitchableLayer))]
+    if training:
         raise ValueError('model: expected a model in eval mode (deployment folds running '
-                         'statistics), got one in training mode')
+                         f'statistics), got these modules in training mode: {training}')
     visit(model, '')
     return done

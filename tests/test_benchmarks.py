@@ -55,3 +55,12 @@ def test_deploy_and_import_smoke(tmp_path):
     assert len(rows) == 6 and rows[1]['model'] == 'SN, soft ratios'
     rows = run_smoke('bench_import.py', tmp_path)
     assert [row['imports'] for row in rows] == ['torch + mmengine registry', 'mmsn']
+
+
+def test_counts_of_zero_are_refused_by_name(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(osp.join(ROOT, 'benchmarks'))
+    import bench_host_overhead
+    with pytest.raises(SystemExit) as exit_info:
+        bench_host_overhead.main(['--rounds', '0'])
+    assert exit_info.value.code == 2
+    assert 'argument --rounds: expected a positive integer, got 0' in capsys.readouterr().err

@@ -9,7 +9,11 @@ def test_finish_distributed_destroys_the_process_group(tmp_path):
     finished process can abort at interpreter exit and torchrun reports the run as failed."""
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "init"}', rank=0,
                             world_size=1)
-    assert dist.is_initialized()
-    finish_distributed()
-    assert not dist.is_initialized()
-    finish_distributed()  # no group: nothing to do
+    try:
+        assert dist.is_initialized()
+        finish_distributed()
+        assert not dist.is_initialized()
+        finish_distributed()  # no group: nothing to do
+    finally:  # a failure above must not leave a group behind for later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()

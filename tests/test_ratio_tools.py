@@ -213,13 +213,18 @@ def test_deployed_model_equals_the_hard_ratio_model(norm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_channel_affine_without_a_preceding_conv():
-    layer = SwitchNorm2d(4)
+def hard_bn_sn(channels):
+    layer = SwitchNorm2d(channels)
     with torch.no_grad():
         layer.mean_weight.copy_(torch.tensor([-9.0, -9.0, 9.0]))
         layer.var_weight.copy_(torch.tensor([-9.0, -9.0, 9.0]))
         layer.running_mean.normal_()
-    model = torch.nn.Sequential(torch.nn.ReLU(), layer)
+        layer.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+def test_channel_affine_without_a_preceding_conv():
+    model = torch.nn.Sequential(torch.nn.ReLU(), hard_bn_sn(4))
     harden_ratios(model)
     model.eval()
     x = torch.randn(2, 4, 3, 3)
@@ -287,6 +292,62 @@ def test_sw_without_a_preceding_conv_becomes_a_grouped_conv():
     assert deploy_hard_switchable(model) == {'1': 'grouped 1x1 conv'}
     assert isinstance(model[1], torch.nn.Conv2d) and model[1].groups == 2
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_after_weight_standardized_convs_are_not_folded():
+    """ConvWS2d standardizes its weight in forward, so a folded scale would be undone: such
+    convs keep their weight and the layer becomes a separate map; mmcv's plain Conv2d
+    wrapper folds."""
+    cnn = pytest.importorskip('mmcv.cnn')
+    from mmcv.cnn.bricks import wrappers
+    torch.manual_seed(0)
+    sw = SwitchWhiten2d(8, num_pergroup=4, sw_type=2, T=3)
+    random_sw_statistics(sw, ('bw', 'bw'))
+    model = torch.nn.Sequential(cnn.ConvWS2d(3, 8, 3, padding=1), hard_bn_sn(8),
+                                cnn.ConvWS2d(8, 8, 1), sw,
+                                wrappers.Conv2d(8, 8, 1), hard_bn_sn(8))
+    harden_ratios(model)
+    model.eval()
+    weights = [model[i].weight.clone() for i in (0, 2)]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        done = deploy_hard_switchable(model)
+        got = model(x)
+    assert done == {'1': 'per-channel affine', '3': 'grouped 1x1 conv',
+                    '5': 'folded into the preceding conv'}
+    for i, weight in zip((0, 2), weights):
+        torch.testing.assert_close(model[i].weight, weight, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deployment_in_bfloat16():
+    """A bf16 model folds too: the maps are computed in float32/float64 and cast once."""
+    torch.manual_seed(0)
+    sw = SwitchWhiten2d(8, num_pergroup=4, sw_type=2, T=3)
+    random_sw_statistics(sw, ('bw', 'bw'))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), hard_bn_sn(8),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), sw,
+                                torch.nn.ReLU(), copy.deepcopy(sw))
+    harden_ratios(model)
+    model.eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model.float()(x.float())
+        model.to(torch.bfloat16)
+        done = deploy_hard_switchable(model)
+        got = model(x)
+    assert list(done.values()) == ['folded into the preceding conv'] * 2 + ['grouped 1x1 conv']
+    assert got.dtype == torch.bfloat16 and model[6].weight.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_deployment_refuses_a_switchable_layer_in_training_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), hard_bn_sn(4))
+    model.eval()
+    model[1].train()  # an eval model with one layer put back in training mode
+    with pytest.raises(ValueError, match=r"training mode: \['1'\]"):
+        deploy_hard_switchable(model)
 
 
 def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
