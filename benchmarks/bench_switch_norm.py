@@ -78,8 +78,12 @@ def time_layer(layer, backend, x, what, repeats=5):
     return ms, peak
 
 
-def parse_args(description, argv=None, default_csv='benchmarks/results/switch_norm.csv'):
+def parse_args(description, argv=None, default_csv='benchmarks/results/switch_norm.csv',
+               add_arguments=None):
+    """The sweep's options (``add_arguments(parser)`` adds a script's own)."""
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument('--batches', type=positive_int, nargs='+', default=[2, 8, 32])
     parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'])

@@ -27,8 +27,8 @@ def run_smoke(script, tmp_path, *args):
 
 @pytest.mark.parametrize('script,column,expected', [
     ('bench_switch_norm.py', 'op', {'mmsn-triton', 'mmsn-torch', 'BatchNorm2d', 'GroupNorm32'}),
-    ('bench_switch_whiten.py', 'op', {'SW2 mmsn-triton', 'SW5 mmsn-triton', 'SW2 mmsn-torch',
-                                      'SW5 mmsn-torch', 'BatchNorm2d'}),
+    ('bench_switch_whiten.py', 'op', {'SW2-16 mmsn-triton', 'SW5-16 mmsn-triton',
+                                      'SW2-16 mmsn-torch', 'SW5-16 mmsn-torch', 'BatchNorm2d'}),
     ('bench_host_overhead.py', 'layer', {'BN', 'GN', 'SN (kernels)', 'SN (reference)',
                                          'SW-16 (kernels)', 'SW-64 (kernels)'}),
 ])
