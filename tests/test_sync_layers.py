@@ -17,9 +17,10 @@ from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSparseSw
 CHANNELS = 16
 
 
-def make_layers(backend='torch'):
+def make_layers(backend='torch', wide=False):
     """(name, local layer, synchronized layer) with the same random parameters; the kernel
-    backends take the SW layers of 16 channels per group only."""
+    backends take the SW layers at 16 channels per group, and with ``wide`` at 64 too (the
+    kernels' sizes; 64 is ~25 s per run under the interpreter, so one case takes it)."""
     torch.manual_seed(0)
     layers = []
     for name, local, sync in [
@@ -32,6 +33,9 @@ def make_layers(backend='torch'):
         # 16 channels per group: the size the SW kernels take
         ('sw5-16', SwitchWhiten2d(CHANNELS, num_pergroup=16, sw_type=5),
          SyncSwitchWhiten2d(CHANNELS, num_pergroup=16, sw_type=5)),
+        # 64 per group: Newton's iteration through scratch memory in the kernels
+        ('sw2-64', SwitchWhiten2d(64, num_pergroup=64, sw_type=2),
+         SyncSwitchWhiten2d(64, num_pergroup=64, sw_type=2)),
     ]:
         local = local.double()
         with torch.no_grad():
@@ -44,18 +48,19 @@ def make_layers(backend='torch'):
         sync.load_state_dict(local.state_dict())
         layers.append((name, local, sync))
     if backend != 'torch':
-        layers = [layer for layer in layers if layer[0] in ('sn', 'ssn', 'sw5-16')]
+        layers = [layer for layer in layers
+                  if layer[0] in ('sn', 'ssn', 'sw5-16') or wide and layer[0] == 'sw2-64']
     return layers
 
 
-def make_data(total):
+def make_data(total, channels=CHANNELS):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(total, CHANNELS, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1
-    grad = torch.randn(total, CHANNELS, 3, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(total, channels, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(total, channels, 3, 4, generator=gen, dtype=torch.float64)
     return x, grad
 
 
-def run_rank(rank, world_size, port, sizes, out_dir, backend='torch'):
+def run_rank(rank, world_size, port, sizes, out_dir, backend='torch', wide=False):
     # 'triton' runs the kernels (interpreted on CPU); 'composed' the registered ops the way
     # torch.compile traces them
     os.environ['MMSN_BACKEND'] = 'triton' if backend == 'composed' else backend
@@ -76,9 +81,9 @@ def run_rank(rank, world_size, port, sizes, out_dir, backend='torch'):
             return _original(*args, **kwargs)
         setattr(dist, op, counted)
     start = sum(sizes[:rank])
-    x_all, grad_all = make_data(sum(sizes))
     results = {}
-    for name, _, layer in make_layers(backend):
+    for name, _, layer in make_layers(backend, wide):
+        x_all, grad_all = make_data(sum(sizes), layer.num_features)
         for step in range(2):  # two steps: running statistics accumulate the same way
             x = x_all[start:start + sizes[rank]].clone().requires_grad_()
             layer.zero_grad()
@@ -107,18 +112,20 @@ def free_port():
 
 
 @pytest.mark.parametrize('sizes,backend', [
-    ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton'),
+    ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton-wide'),
     ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
     '2-ranks' if v == (1, 4) else v)
 def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
+    """'triton-wide': the kernels with SW at 64 channels per group too."""
+    backend, wide = backend.removesuffix('-wide'), backend.endswith('-wide')
     if backend != 'torch':
         pytest.importorskip('triton')
     world_size = len(sizes)
-    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend),
+    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend, wide),
              nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(world_size)]
-    x_all, grad_all = make_data(sum(sizes))
-    for name, local, _ in make_layers(backend):
+    for name, local, _ in make_layers(backend, wide):
+        x_all, grad_all = make_data(sum(sizes), local.num_features)
         for step in range(2):
             x = x_all.clone().requires_grad_()
             local.zero_grad()
@@ -142,8 +149,8 @@ def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tm
 
 
 def test_sync_layers_fall_back_without_process_group():
-    x, _ = make_data(3)
     for _, local, sync in make_layers():
+        x, _ = make_data(3, local.num_features)
         torch.testing.assert_close(sync(x), local(x))
         torch.testing.assert_close(sync.running_mean, local.running_mean)
 
