@@ -34,8 +34,10 @@ def layers(channels, device, dtype, backends, per_group=(16, 64)):
 
 
 def add_arguments(parser):
+    from mmsn.ops.library import KERNEL_GROUP_SIZES
     parser.add_argument('--per-group', type=positive_int, nargs='+', default=[16, 64],
-                        help='channels per whitening group')
+                        choices=KERNEL_GROUP_SIZES,
+                        help='channels per whitening group (the sizes the kernels take)')
 
 
 def main(argv=None):

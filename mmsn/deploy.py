@@ -117,8 +117,11 @@ def hard_choice(layer: SwitchableLayer, tolerance: float = 1e-6) -> Optional[Tup
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError(f'{type(layer).__name__}: expected finite ratios, got mean '
                          f'{mean.tolist()} and variance {var.tolist()}')  # argmax of NaN lies
-    if mean.max() < 1 - tolerance or var.max() < 1 - tolerance:
-        return None
+    for ratio in (mean, var):  # a one-hot vector, not just one entry near 1 (SSN stores
+        # probabilities: [1, 0.7, 0] must not deploy as its first statistic alone)
+        if (ratio.max() < 1 - tolerance or ratio.min() < -tolerance
+                or abs(float(ratio.sum()) - 1) > tolerance):
+            return None
     return layer.statistics[int(mean.argmax())], layer.statistics[int(var.argmax())]
 
 
@@ -190,9 +193,11 @@ def _bn_affine(layer: _SwitchNorm) -> Tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _fold_into_conv(conv: nn.Conv2d, scale: Tensor, shift: Tensor) -> None:
-    conv.weight.mul_(scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype))
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    dtype = conv.weight.dtype  # products in float32, rounded once to the conv's dtype
+    scale_shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+    conv.weight.copy_((conv.weight.float() * scale.reshape(scale_shape)).to(dtype))
+    bias = shift if conv.bias is None else conv.bias.float() * scale + shift
+    conv.bias = nn.Parameter(bias.to(dtype))
 
 
 #: SW statistics taken from the running (batch) moments in eval
@@ -204,8 +209,8 @@ def _whitening_map(layer: SwitchWhiten2d) -> Tuple[Tensor, Tensor]:
     covariance come from its running moments: ``B`` ``(C, C)`` block-diagonal (one
     ``diag(gamma) S^{-1/2}`` block per group, by the layer's own method and T), in float64."""
     groups, c = layer.num_groups, layer.num_pergroup
-    # exact one-hot ratios of the choice: the softmax of hard logits is one-hot only to
-    # within exp(ZERO_RATIO_LOGIT), and the IW/IN parts must not leak into the fixed map
+    # exact one-hot ratios of the choice: a layer counts as hard with ratios within 1e-6 of
+    # one-hot (peaked logits, not only hardened ones), and the rest must not leak into the map
     mean_ratio, var_ratio = (F.one_hot(ratio.argmax(), ratio.numel()).to(torch.float64)
                              for ratio in layer.ratios())
     # zero IW moments of one sample: with one-hot ratios on BW/BN they do not enter
@@ -261,17 +266,28 @@ def _foldable_conv_types() -> Tuple[type, ...]:
 
 def _can_fold(previous: Optional[nn.Module], channels: int) -> bool:
     """A plain convolution right before the layer, with its channels (fuse_conv_bn's rule,
-    narrowed to convolutions that use their weight as it is)."""
-    return (type(previous) in _foldable_conv_types() and previous.groups == 1
+    narrowed to convolutions that use their weight as it is: no forward pre-hook such as
+    ``weight_norm``/``spectral_norm``, which rebuild the weight each call)."""
+    return (type(previous) in _foldable_conv_types() and not previous._forward_pre_hooks
+            and isinstance(previous.weight, nn.Parameter) and previous.groups == 1
             and previous.out_channels == channels)
+
+
+def _norm_runs_before_conv(parent: nn.Module) -> bool:
+    """mmcv's ``ConvModule`` registers its conv before its norm whatever its ``order``; with
+    ``order=('norm', 'conv', 'act')`` the norm is applied first and must not fold into it."""
+    order = getattr(parent, 'order', None)
+    return (isinstance(order, tuple) and 'norm' in order and 'conv' in order
+            and order.index('norm') < order.index('conv'))
 
 
 @torch.no_grad()
 def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
     """Rewrites the SN and SW layers with one-hot ratios of an eval ``model``, in place.
 
-    SN: BN/BN layers right after a convolution (in their parent's child order, as mmcv's
-    ``fuse_conv_bn`` assumes) are folded into it and become ``nn.Identity``; other BN/BN
+    SN: BN/BN layers right after a plain, ungrouped convolution (in their parent's child
+    order, as mmcv's ``fuse_conv_bn`` assumes, except in a ``ConvModule`` whose ``order``
+    puts the norm first) are folded into it and become ``nn.Identity``; other BN/BN
     layers become :class:`ChannelAffine`; the rest :class:`HardSwitchNorm`. SW (and SyncSW)
     layers whose mean and covariance both come from the batch statistics (BW or BN, i.e.
     the running moments in eval) are folded the same way, or become a grouped 1x1
@@ -280,6 +296,10 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
 
     Returns:
         dict: ``{layer: what it became}``.
+
+    Raises:
+        ValueError: the model or a switchable layer in it is in training mode, or a layer's
+            ratios are not finite (nothing is rewritten then).
     """
     done = OrderedDict()
 
@@ -287,8 +307,7 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
         previous = None
         for name, child in list(parent.named_children()):
             path = f'{prefix}{name}'
-            choice = hard_choice(child) if isinstance(child, (_SwitchNorm, SwitchWhiten2d)) \
-                else None
+            choice = choices.get(child)
             if isinstance(child, SwitchWhiten2d):
                 if choice is not None and set(choice) <= set(_BATCH_STATISTICS):
                     matrix, offset = _whitening_map(child)
@@ -316,11 +335,18 @@ def deploy_hard_switchable(model: nn.Module) -> Dict[str, str]:
                     done[path] = f'mean from {choice[0].upper()}, variance from {choice[1].upper()}'
             else:
                 visit(child, f'{path}.')
-            previous = child
+            previous = None if _norm_runs_before_conv(parent) else child
     training = [name or '(the model)' for name, module in model.named_modules()
                 if module.training and (module is model or isinstance(module, SwitchableLayer))]
     if training:
         raise ValueError('model: expected a model in eval mode (deployment folds running '
                          f'statistics), got these modules in training mode: {training}')
+    choices = {}  # every layer checked before anything is rewritten
+    for name, module in model.named_modules():
+        if isinstance(module, (_SwitchNorm, SwitchWhiten2d)):
+            try:
+                choices[module] = hard_choice(module)
+            except ValueError as error:
+                raise ValueError(f'{name}: {error}') from None
     visit(model, '')
     return done

@@ -5,6 +5,7 @@ import json
 import os.path as osp
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from mmsn import SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSwitchNor
 from mmsn.checkpoint import load_checkpoint_file
 from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
 from mmsn.batch_average import batch_average_statistics
-from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, harden_ratios,
-                         harden_state_dict)
+from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, hard_choice,
+                         harden_ratios, harden_state_dict)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -213,6 +214,14 @@ def test_deployed_model_equals_the_hard_ratio_model(norm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def deployed_outputs(model, x):
+    """``(done, output after, output before)`` of deploying an eval ``model`` on ``x``."""
+    with torch.no_grad():
+        expected = model(x)
+        done = deploy_hard_switchable(model)
+        return done, model(x), expected
+
+
 def hard_bn_sn(channels):
     layer = SwitchNorm2d(channels)
     with torch.no_grad():
@@ -269,11 +278,7 @@ def test_deployed_sw_resnet_equals_the_hard_ratio_model(sw_type):
         random_sw_statistics(layer, choice)
     assert list(harden_ratios(model).values()) == choices
     model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x)
-        done = deploy_hard_switchable(model)
-        got = model(x)
+    done, got, expected = deployed_outputs(model, torch.randn(2, 3, 32, 32))
     assert done == {name: 'folded into the preceding conv' for name in
                     ('sw1', 'layer1.0.sw2', 'layer2.0.sw2')}
     assert isinstance(model.layer1[1].sw1, SwitchWhiten2d)  # per-sample: left
@@ -309,11 +314,7 @@ def test_layers_after_weight_standardized_convs_are_not_folded():
     harden_ratios(model)
     model.eval()
     weights = [model[i].weight.clone() for i in (0, 2)]
-    x = torch.randn(2, 3, 5, 5)
-    with torch.no_grad():
-        expected = model(x)
-        done = deploy_hard_switchable(model)
-        got = model(x)
+    done, got, expected = deployed_outputs(model, torch.randn(2, 3, 5, 5))
     assert done == {'1': 'per-channel affine', '3': 'grouped 1x1 conv',
                     '5': 'folded into the preceding conv'}
     for i, weight in zip((0, 2), weights):
@@ -322,7 +323,8 @@ def test_layers_after_weight_standardized_convs_are_not_folded():
 
 
 def test_deployment_in_bfloat16():
-    """A bf16 model folds too: the maps are computed in float32/float64 and cast once."""
+    """bf16 parameters with float32 buffers (how checkpoints are cast for inference) fold
+    too: the maps are computed in float32/float64 and rounded once to bf16."""
     torch.manual_seed(0)
     sw = SwitchWhiten2d(8, num_pergroup=4, sw_type=2, T=3)
     random_sw_statistics(sw, ('bw', 'bw'))
@@ -330,16 +332,73 @@ def test_deployment_in_bfloat16():
                                 torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), sw,
                                 torch.nn.ReLU(), copy.deepcopy(sw))
     harden_ratios(model)
-    model.eval().to(torch.bfloat16)
-    x = torch.randn(2, 3, 5, 5, dtype=torch.bfloat16)
+    model.eval()
     with torch.no_grad():
-        expected = model.float()(x.float())
-        model.to(torch.bfloat16)
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()  # the same bf16 values, computed in float32
+    x = torch.randn(2, 3, 5, 5).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(x.float())
+        undeployed_error = (model(x).float() - expected).abs().max()
+        assert deploy_hard_switchable(reference)  # in float32 the deployment is exact
+        torch.testing.assert_close(reference(x.float()), expected, rtol=1e-5, atol=1e-5)
         done = deploy_hard_switchable(model)
         got = model(x)
     assert list(done.values()) == ['folded into the preceding conv'] * 2 + ['grouped 1x1 conv']
     assert got.dtype == torch.bfloat16 and model[6].weight.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
+    for deployed, exact in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(deployed, exact.to(torch.bfloat16), rtol=0, atol=0)
+    # the deployed bf16 model is no further off than the bf16 layers it replaces
+    assert (got.float() - expected).abs().max() <= 2 * undeployed_error
+
+
+def test_no_fold_into_weight_norm_convs_or_a_norm_that_runs_first():
+    """weight_norm rebuilds the weight in a pre-hook (a folded scale would be lost); a
+    ConvModule with order ('norm', 'conv', 'act') applies its norm before its conv."""
+    cnn = pytest.importorskip('mmcv.cnn')
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # the hook form is deprecated, still used
+        hooked = torch.nn.utils.weight_norm(torch.nn.Conv2d(3, 8, 1))
+    parametrized = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(8, 8, 1))
+    norm_first = cnn.ConvModule(8, 8, 1, norm_cfg=dict(type='SN'), order=('norm', 'conv', 'act'))
+    model = torch.nn.Sequential(hooked, hard_bn_sn(8), parametrized, hard_bn_sn(8), norm_first)
+    with torch.no_grad():
+        norm_first.norm.load_state_dict(hard_bn_sn(8).state_dict())
+    harden_ratios(model)
+    model.eval()
+    done, got, expected = deployed_outputs(model, torch.randn(2, 3, 4, 4))
+    assert set(done.values()) == {'per-channel affine'} and len(done) == 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deployment_checks_every_layer_before_rewriting_any():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), hard_bn_sn(4),
+                                torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), hard_bn_sn(4)))
+    model.eval()
+    with torch.no_grad():
+        model[2][1].mean_weight[0] = float('nan')
+    with pytest.raises(ValueError, match=r'^2\.1: SwitchNorm2d: expected finite ratios'):
+        deploy_hard_switchable(model)
+    assert isinstance(model[1], SwitchNorm2d)  # the first layer is still there
+
+
+def test_a_ratio_with_one_entry_near_one_is_not_one_hot():
+    """Stored SSN probabilities that are not a distribution ([1, 0.7, 0]) are not a hard
+    choice: deployment leaves the layer (its LN share would be dropped otherwise)."""
+    layer = SparseSwitchNorm2d(4)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([1.0, 0.7, 0.0]))
+        layer.var_weight.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        layer.mean_fixed.fill_(1)
+        layer.var_fixed.fill_(1)
+    assert hard_choice(layer) is None
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), layer).eval()
+    assert deploy_hard_switchable(model) == {}
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    assert hard_choice(layer) == ('in', 'in')
 
 
 def test_deployment_refuses_a_switchable_layer_in_training_mode():
