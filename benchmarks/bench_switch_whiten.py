@@ -20,7 +20,7 @@ from bench_switch_norm import parse_args, sweep  # noqa: E402
 from common import positive_int  # noqa: E402
 
 
-def layers(channels, device, dtype, backends, per_group=(16, 64)):
+def layers(channels, device, dtype, backends, *, per_group):
     import mmsn
     made = {}
     for backend in (b for b in backends if b.startswith('mmsn-')):

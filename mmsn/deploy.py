@@ -55,11 +55,18 @@ def _hardened(layer: str, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
             if key in tensors and tensors[key].dim() == 1}
 
 
+def _is_one_hot(ratio, tolerance: float = 1e-6) -> bool:
+    """Whether ``ratio`` is a one-hot distribution to within ``tolerance``: one entry near 1
+    is not enough (SSN stores probabilities: [1, 0.7, 0] is not a choice of the first)."""
+    values = torch.as_tensor(ratio, dtype=torch.float64)
+    return bool(torch.isfinite(values).all() and values.max() >= 1 - tolerance
+                and values.min() >= -tolerance and abs(float(values.sum()) - 1) <= tolerance)
+
+
 def _check_one_hot(layer: str, ratios: Dict[str, Sequence[float]], tolerance: float = 1e-6):
     for kind in ('mean', 'var'):
         values = torch.as_tensor(ratios[kind], dtype=torch.float64)
-        if not (torch.isfinite(values).all() and values.max() >= 1 - tolerance
-                and abs(float(values.sum()) - 1) <= tolerance):
+        if not _is_one_hot(values, tolerance):
             raise ValueError(f'{layer}: expected one-hot {kind} ratios after hardening, got '
                              f'{values.tolist()}')
 
@@ -117,11 +124,8 @@ def hard_choice(layer: SwitchableLayer, tolerance: float = 1e-6) -> Optional[Tup
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError(f'{type(layer).__name__}: expected finite ratios, got mean '
                          f'{mean.tolist()} and variance {var.tolist()}')  # argmax of NaN lies
-    for ratio in (mean, var):  # a one-hot vector, not just one entry near 1 (SSN stores
-        # probabilities: [1, 0.7, 0] must not deploy as its first statistic alone)
-        if (ratio.max() < 1 - tolerance or ratio.min() < -tolerance
-                or abs(float(ratio.sum()) - 1) > tolerance):
-            return None
+    if not (_is_one_hot(mean.detach(), tolerance) and _is_one_hot(var.detach(), tolerance)):
+        return None
     return layer.statistics[int(mean.argmax())], layer.statistics[int(var.argmax())]
 
 
