@@ -9,7 +9,8 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import build_runner, common_arguments, finish_distributed  # noqa: E402
+from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,  # noqa: E402
+                             reporting_unresponsive_processes)
 
 
 def parse_args():
@@ -24,8 +25,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    runner = build_runner(args, mode='test')
-    runner.test()
+    with reporting_unresponsive_processes():
+        runner = build_runner(args, mode='test')
+        runner.test()
+    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
     finish_distributed()
 
 

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,  # noqa: E402
-                             norm_arguments)
+                             norm_arguments, reporting_unresponsive_processes)
 
 
 def parse_args():
@@ -32,8 +32,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    runner = build_runner(args, mode='train')
-    runner.train()
+    with reporting_unresponsive_processes():
+        runner = build_runner(args, mode='train')
+        runner.train()
+    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
     finish_distributed()
 
 
