@@ -10,6 +10,7 @@ import torch
 from mmsn import SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d
 from mmsn.ops import KERNELS_AVAILABLE
 from mmsn.ops.counting import DeviceWork
+from processes import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not KERNELS_AVAILABLE, reason='needs triton')
 
@@ -87,10 +88,10 @@ def count_sync_step(rank, world_size, init_file, out_dir, layer_class):
 @pytest.mark.parametrize('layer_class, budget', [(SyncSwitchNorm, 6),
                                                   (SyncSwitchWhiten2d, 8)],
                          ids=['SyncSN', 'SyncSW'])
+@pytest.mark.timeout(180)
 def test_synchronized_layers_within_budget(layer_class, budget, tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(count_sync_step, args=(2, str(tmp_path / 'init'), str(tmp_path), layer_class),
-             nprocs=2)
+    spawn_ranks(count_sync_step, (2, str(tmp_path / 'init'), str(tmp_path), layer_class),
+                nprocs=2, timeout=150)
     for rank in range(2):
         counts = torch.load(tmp_path / f'{rank}.pt', weights_only=True)
         assert counts['forward'] <= budget, counts['detail'][0]

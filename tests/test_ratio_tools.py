@@ -17,6 +17,7 @@ from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
 from mmsn.batch_average import batch_average_statistics
 from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, hard_choice,
                          harden_ratios, harden_state_dict)
+from processes import spawn_ranks
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -81,13 +82,13 @@ def _average_on_ranks(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.timeout(180)
 def test_batch_average_is_reduced_over_processes(tmp_path):
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_average_on_ranks, args=(2, port, str(tmp_path / 'stats')),
-                                nprocs=2, join=True)
+    spawn_ranks(_average_on_ranks, (2, port, str(tmp_path / 'stats')), nprocs=2, timeout=150)
     local = []
     for rank in range(2):
         layer = SwitchNorm2d(8)

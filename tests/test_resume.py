@@ -6,14 +6,17 @@ loop, through our tools/train.py and mmdet's and mmseg's own, SSN with its radiu
 random numbers; and the checkpoints load with weights_only, no fallback, no warning."""
 import os
 import os.path as osp
+import re
 import shutil
-import subprocess
+import signal
 import sys
+import time
 
 import pytest
 import torch
 
 from mmsn.checkpoint import load_checkpoint_file
+from processes import Job, run_job
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEGMENTATION = 'configs/demo/fcn_r18-sn_shapes.py'
@@ -47,21 +50,28 @@ def options(config, shapes, epochs=False):
                     'default_hooks.checkpoint.interval=2']
 
 
-def train(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), nproc=1,
-          epochs=False):
+def train_command(config, work_dir, shapes, *args, tool='tools/train.py', extra=(), nproc=1,
+                  epochs=False):
     if nproc > 1:
         command = ['bash', 'tools/dist_train.sh', config, str(nproc)]
     else:
         command = [sys.executable, tool, config]
-    command += ['--work-dir', str(work_dir), *args, '--cfg-options',
-                *options(config, shapes, epochs), *extra]
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(29500 + os.getpid() % 1000),
-               PYTHONWARNINGS='default')
+    return command + ['--work-dir', str(work_dir), *args, '--cfg-options',
+                      *options(config, shapes, epochs), *extra]
+
+
+def train_env(port_offset=0):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS='default',
+               PORT=str(29500 + (os.getpid() + port_offset) % 1000))
     env.pop('MMSN_TRUSTED_CHECKPOINTS', None)
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-3000:]
-    return log
+    return env
+
+
+def train(config, work_dir, shapes, *args, timeout=240, port_offset=0, **kwargs):
+    """Trains to the end within ``timeout`` seconds (a hung job is killed with its process
+    group) and returns the log."""
+    return run_job(train_command(config, work_dir, shapes, *args, **kwargs), timeout,
+                   f'{work_dir}.log', cwd=ROOT, env=train_env(port_offset))
 
 
 def resume_from_iteration_2(first_run, work_dir, name='iter_2.pth'):
@@ -161,7 +171,11 @@ def test_ssn_radius_schedule_resumes_bitwise(tmp_path, shapes):
     assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
 
 
+@pytest.mark.timeout(600)
 def test_two_process_syncsn_training_resumes_bitwise(tmp_path, shapes):
+    """Also after a rank is killed (SIGKILL) mid-training: the job ends within seconds,
+    torchrun naming the rank, and resuming from the killed run's checkpoint ends where the
+    uninterrupted run ends."""
     extra = ['model.backbone.norm_cfg.type=SyncSN', 'model.decode_head.norm_cfg.type=SyncSN',
              *DROPOUT]
     first = tmp_path / 'uninterrupted'
@@ -171,5 +185,29 @@ def test_two_process_syncsn_training_resumes_bitwise(tmp_path, shapes):
     resumed = tmp_path / 'resumed'
     checkpoint = resume_from_iteration_2(first, resumed)
     assert_resumed_safely(train(SEGMENTATION, resumed, shapes, '--resume', checkpoint, nproc=2,
-                                extra=extra))
+                                extra=extra, port_offset=1))
     assert differences(first / 'iter_4.pth', resumed / 'iter_4.pth') == []
+
+    killed = tmp_path / 'killed'  # the same run, meant to go on for 1000 iterations
+    job = Job(train_command(SEGMENTATION, killed, shapes, nproc=2,
+                            extra=extra + ['train_cfg.max_iters=1000']),
+              f'{killed}.log', cwd=ROOT, env=train_env(port_offset=2))
+    try:
+        deadline = time.monotonic() + 180
+        while not osp.exists(killed / 'last_checkpoint'):  # iteration 2 is saved
+            assert job.process.poll() is None, job.output()[-3000:]
+            assert time.monotonic() < deadline, job.output()[-3000:]
+            time.sleep(0.05)
+        os.kill(job.rank_pid(1), signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = job.wait(timeout=60)
+        ended = time.monotonic() - killed_at
+    finally:
+        job.kill()
+    log = job.output()
+    assert code != 0 and ended < 15, (ended, log[-3000:])
+    assert re.search(r'rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9', log), log[-3000:]
+    assert_resumed_safely(train(SEGMENTATION, killed, shapes, '--resume',
+                                str(killed / 'iter_2.pth'), nproc=2, extra=extra,
+                                port_offset=3))
+    assert differences(first / 'iter_4.pth', killed / 'iter_4.pth') == []

@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSparseSwitchNorm2d,
                   SyncSwitchNorm, SyncSwitchWhiten2d, convert_sync_sn, revert_sync_sn)
+from processes import spawn_ranks
 
 CHANNELS = 16
 
@@ -115,14 +115,15 @@ def free_port():
     ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton-wide'),
     ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
     '2-ranks' if v == (1, 4) else v)
+@pytest.mark.timeout(300)
 def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
     """'triton-wide': the kernels with SW at 64 channels per group too."""
     backend, wide = backend.removesuffix('-wide'), backend.endswith('-wide')
     if backend != 'torch':
         pytest.importorskip('triton')
     world_size = len(sizes)
-    mp.spawn(run_rank, args=(world_size, free_port(), list(sizes), str(tmp_path), backend, wide),
-             nprocs=world_size, join=True)
+    spawn_ranks(run_rank, (world_size, free_port(), list(sizes), str(tmp_path), backend, wide),
+                nprocs=world_size, timeout=240)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(world_size)]
     for name, local, _ in make_layers(backend, wide):
         x_all, grad_all = make_data(sum(sizes), local.num_features)
@@ -225,12 +226,14 @@ def double_backward_rank(rank, world_size, port, out_dir, backend):
 
 
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
+@pytest.mark.timeout(180)
 def test_double_backward_of_synchronized_layers_is_a_clear_error(backend, tmp_path):
     """Second derivatives through the collective would miss the other ranks' terms: refused
     with an error, never a silently wrong gradient."""
     if backend == 'triton':
         pytest.importorskip('triton')
-    mp.spawn(double_backward_rank, args=(2, free_port(), str(tmp_path), backend), nprocs=2)
+    spawn_ranks(double_backward_rank, (2, free_port(), str(tmp_path), backend), nprocs=2,
+                timeout=150)
     for rank in range(2):
         outcome = torch.load(tmp_path / f'double{rank}.pt', weights_only=True)
         for name in ('sn', 'sw'):

@@ -4,6 +4,8 @@ Generates the shapes dataset (mmsn/demo/shapes.py) under ``data/shapes``, trains
 (ResNet-18, SN in backbone, FPN and mask head) and FCN (ResNet-18, SN in backbone and head)
 with tools/train.py, prints box/mask AP and mIoU, and writes each model's learned SN ratios
 per layer to the work directory. About ten minutes on 2 CPU cores; unchanged on a GPU.
+With the shipped schedule (no ``--cfg-options``) it checks its figures against
+:data:`EXPECTED_FIGURES` and exits with 1 outside them.
 
     python tools/demo.py [--work-dir work_dirs/demo] [--cfg-options k=v ...]
 """
@@ -24,6 +26,25 @@ TASKS = {
                   {'coco/bbox_mAP': 'box AP', 'coco/segm_mAP': 'mask AP'}),
     'segmentation': ('configs/demo/fcn_r18-sn_shapes.py', {'mIoU': 'mIoU'}),
 }
+
+
+#: The figures a trained demo model reaches on any CPU, and an untrained or broken one cannot.
+#: Seen across machines (floating-point results differ between CPUs, so the runs do):
+#: box AP 0.465-0.469, mask AP 0.497-0.515, mIoU 79.10-80.46 (README, "The demo"). Untrained
+#: (or with broken normalization) the APs stay near 0 and mIoU near 22 (background alone).
+EXPECTED_FIGURES = {'box AP': (0.40, 0.60), 'mask AP': (0.40, 0.65), 'mIoU': (72.0, 90.0)}
+
+
+def check_figures(summary: dict) -> list:
+    """Lines naming each figure of ``summary`` outside :data:`EXPECTED_FIGURES`."""
+    wrong = []
+    for task, values in summary.items():
+        for name, value in values.items():
+            if name in EXPECTED_FIGURES:
+                low, high = EXPECTED_FIGURES[name]
+                if not low <= value <= high:
+                    wrong.append(f'{task} {name} = {value:.3f}: expected {low} to {high}')
+    return wrong
 
 
 def final_metrics(work_dir: str) -> dict:
@@ -99,6 +120,16 @@ def main():
             f'{k}={v:.3f}' if k != 'minutes' else f'({v:.1f} min)' for k, v in values.items()))
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
         json.dump(summary, f, indent=1)
+    if args.cfg_options:
+        print('[demo] --cfg-options changed the runs: figures not checked')
+        return
+    wrong = check_figures(summary)
+    if wrong:
+        print('[demo] FAILED: figures outside what a trained demo model reaches:\n  ' +
+              '\n  '.join(wrong), flush=True)
+        sys.exit(1)
+    print('[demo] figures within the expected ranges '
+          f'({", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in EXPECTED_FIGURES.items())})')
 
 
 if __name__ == '__main__':
