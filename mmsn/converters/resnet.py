@@ -38,13 +38,14 @@ class ConversionError(ValueError):
 def load_source(path: str, trusted: bool = False) -> Dict[str, Tensor]:
     """Reads a checkpoint file (``weights_only``: see :mod:`mmsn.checkpoint`; ``trusted``
     allows a file that needs more) and returns its state dict, prefixes stripped."""
-    from ..checkpoint import UntrustedCheckpointError, load_checkpoint_file
+    from ..checkpoint import (DamagedCheckpointError, UntrustedCheckpointError,
+                              load_checkpoint_file)
     if not osp.isfile(path):
         raise ConversionError([f'SRC: {path!r} is not a file'])
     try:
         checkpoint = load_checkpoint_file(path, map_location='cpu', trusted=trusted)
-    except UntrustedCheckpointError as error:
-        raise ConversionError([f'SRC: {error}'])
+    except (DamagedCheckpointError, UntrustedCheckpointError) as error:
+        raise ConversionError([f'SRC: {error}']) from None  # the message says it all
     except Exception as error:  # zip/EOF/unicode errors of arbitrary files
         raise ConversionError([f'SRC: {path!r} is not a PyTorch checkpoint '
                                f'({type(error).__name__}: {error})'])

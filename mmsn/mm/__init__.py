@@ -19,13 +19,16 @@ Importing ``mmsn`` (e.g. through ``custom_imports=dict(imports=['mmsn'])``) runs
 * registers the ``StrictPretrained`` initializer (converted backbones, loaded strictly);
 * registers the hooks ``SwitchableRatioHook`` (ratios to the visualizer and the checkpoint),
   ``BatchAverageHook`` (batch-average inference statistics), ``SSNRadiusHook`` (the SSN
-  radius schedule) and ``RandomStateHook`` (exact resume).
+  radius schedule), ``RandomStateHook`` (exact resume) and ``AtomicCheckpointHook``
+  (checkpoints a kill cannot spoil; ``tools/train.py`` uses it in place of
+  ``CheckpointHook``), and the file backend ``'mmsn_atomic_local'`` it saves through.
 
 The runner's ``sync_bn`` conversion and mmcv's ``fuse_conv_bn`` only touch ``_BatchNorm``;
 SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them intact. Use
 :func:`mmsn.convert_sync_sn` to synchronize SN/SW.
 """
 from .backbones import SW_PLACEMENTS, register_backbones, replace_norm_layers
+from .checkpoint_hook import AtomicCheckpointHook, register_checkpoint_hook
 from .hooks import BatchAverageHook, SwitchableRatioHook, register_hooks
 from .compat import (install_build_hook, install_checkpoint_loader, patch_norm_decay,
                      patch_norm_eval)
@@ -39,6 +42,7 @@ def setup_openmmlab() -> None:
     register_layers()
     register_initializers()
     register_hooks()
+    register_checkpoint_hook()
     install_build_hook()
     patch_norm_decay()
     install_checkpoint_loader()
@@ -47,4 +51,5 @@ def setup_openmmlab() -> None:
 __all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
            'install_checkpoint_loader', 'install_build_hook', 'register_backbones', 'register_initializers',
            'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook',
-           'BatchAverageHook', 'register_hooks']
+           'BatchAverageHook', 'register_hooks', 'AtomicCheckpointHook',
+           'register_checkpoint_hook']

@@ -170,6 +170,8 @@ def prepare_config(cfg, args, mode: str):
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     if mode == 'train':
+        from .checkpoint_hook import use_atomic_checkpoints
+        use_atomic_checkpoints(cfg)  # checkpoints and last_checkpoint that a kill cannot spoil
         if getattr(args, 'amp', False):
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from mmsn.checkpoint import UntrustedCheckpointError, add_trust_option, load_checkpoint_file
+from mmsn.checkpoint import (DamagedCheckpointError, UntrustedCheckpointError, add_trust_option,
+                             load_checkpoint_file)
 
 
 def main(argv=None) -> int:
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     try:
         checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu',
                                          trusted=args.trust_checkpoint)
-    except UntrustedCheckpointError as error:
+    except (DamagedCheckpointError, UntrustedCheckpointError) as error:
         print(error, file=sys.stderr)
         return 1
     key = 'state_dict' if 'state_dict' in checkpoint else None

@@ -38,13 +38,14 @@ def main(argv=None) -> int:
                         help='layers drawn in the training-curve figure (spread over the net)')
     args = parser.parse_args(argv)
     from mmsn.analysis import format_ratio_table, ratio_history, ratios_from_state_dict
-    from mmsn.checkpoint import UntrustedCheckpointError, load_checkpoint_file
+    from mmsn.checkpoint import (DamagedCheckpointError, UntrustedCheckpointError,
+                                 load_checkpoint_file)
     from mmsn.plotting import plot_divergence, plot_layer_ratios, plot_ratio_curves
     checkpoint_path = find_checkpoint(args.source)
     try:
         checkpoint = load_checkpoint_file(checkpoint_path, map_location='cpu',
                                          trusted=args.trust_checkpoint)
-    except UntrustedCheckpointError as error:
+    except (DamagedCheckpointError, UntrustedCheckpointError) as error:
         print(error, file=sys.stderr)
         return 1
     state = checkpoint.get('state_dict', checkpoint)
