@@ -3,16 +3,24 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test demo study clean
+.PHONY: env test quick demo study clean
 
 env:
 	@bash tools/setup_env.sh
 
 # pytest exits 5 when it collects nothing (e.g. a -k filter that matches no test): report it
 # loudly but do not count it as a failure.
+PYTEST = $(PYTHON) -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; rc=0; fi; exit $$rc
+
+# The whole suite (what CI runs).
 test: env
-	@$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; rc=0; fi; exit $$rc
+	@$(call PYTEST,)
+
+# The quick tier for development (under 3 minutes on 2 cores): every module's core
+# behaviour, without the tests marked slow.
+quick: env
+	@$(call PYTEST,-m "not slow")
 
 demo: env
 	@$(PYTHON) tools/demo.py --work-dir work_dirs/demo

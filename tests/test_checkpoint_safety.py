@@ -93,6 +93,7 @@ def test_a_truncated_checkpoint_is_damaged_at_every_offset(tmp_path, legacy):
     assert same_tensors(load_checkpoint_file(str(path)), mmengine_checkpoint())
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_of_a_zip_checkpoint_is_damage_or_changes_nothing(tmp_path):
     """torch.load checks no CRC-32 (a flipped tensor byte loads silently) and reads some zip
     fields Python's zipfile ignores: every flip is refused or changes no tensor."""
@@ -372,6 +373,7 @@ STEPS = {
 }
 
 
+@pytest.mark.slow
 @needs_mmseg
 @pytest.mark.parametrize('step', list(STEPS))
 def test_a_kill_at_any_step_of_a_save_leaves_a_checkpoint_to_resume_from(
@@ -403,6 +405,7 @@ def test_a_kill_at_any_step_of_a_save_leaves_a_checkpoint_to_resume_from(
         assert not osp.exists(osp.join(runner.work_dir, 'iter_1.pth'))
 
 
+@pytest.mark.slow
 @needs_mmseg
 def test_the_previous_best_checkpoint_is_removed_only_after_the_new_one_is_complete(
         saved_once, monkeypatch):
@@ -484,6 +487,7 @@ class BallastHook(Hook):
 '''
 
 
+@pytest.mark.slow
 @needs_mmseg
 def test_sigkill_during_a_save_leaves_a_checkpoint_that_training_resumes_from(
         tmp_path, shapes):
@@ -546,6 +550,7 @@ def test_sigkill_during_a_save_leaves_a_checkpoint_that_training_resumes_from(
                       if e.name.endswith(('.pth', '.partial'))) == ['iter_2.pth']
 
 
+@pytest.mark.slow
 @needs_mmseg
 @pytest.mark.parametrize('tool', ['test', 'train --resume'])
 def test_tools_report_a_truncated_checkpoint_by_name(tmp_path, shapes, tool):
@@ -569,6 +574,7 @@ def test_tools_report_a_truncated_checkpoint_by_name(tmp_path, shapes, tool):
     assert 'trust' not in output.lower()
 
 
+@pytest.mark.slow
 @needs_mmseg
 def test_tools_train_py_saves_through_atomic_checkpoint_hook(tmp_path):
     import argparse

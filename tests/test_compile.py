@@ -11,6 +11,7 @@ import torch
 from mmsn import SwitchNorm2d, SwitchWhiten2d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
 def test_compiled_model_matches_eager(backend, monkeypatch):
     check_compiled_model(backend, 'cpu', 'aot_eager', monkeypatch)

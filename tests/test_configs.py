@@ -95,6 +95,7 @@ def count_norms(model):
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', sorted(CONFIGS))
 def test_config_changes_only_normalization(config, tmp_path):
     scope, upstream, _ = CONFIGS[config]
@@ -141,6 +142,7 @@ def training_loss(model, scope, num_classes):
     return loss, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', sorted(CONFIGS))
 def test_config_builds_steps_and_predicts(config):
     from mmengine.optim import build_optim_wrapper

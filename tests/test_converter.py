@@ -297,6 +297,7 @@ def test_malformed_sources_are_refused_and_nothing_is_written(how, message, tmp_
     assert not dst.exists() and not osp.exists(f'{dst}.partial')
 
 
+@pytest.mark.slow
 def test_command_line_reports_and_exit_status(tmp_path):
     torch.manual_seed(0)
     authors = AuthorsResNet(sn_norm())
@@ -321,6 +322,7 @@ def test_command_line_reports_and_exit_status(tmp_path):
     assert 'layer2.1.sn2.var_weight' in run.stderr and not (tmp_path / 'bad_out.pth').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config,norm', [
     ('sn/mask-rcnn_r50-sn_fpn-sn_2x_coco.py', sn_norm()),
     ('sn/pspnet_r50-syncsn-d8_4xb2-80k_cityscapes-512x1024.py', sn_norm()),

@@ -53,6 +53,7 @@ def count_switchable(model):
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', sorted(DEMO_CONFIGS))
 def test_demo_config_builds_steps_and_predicts(config, shapes_root):
     from mmengine.dataset import pseudo_collate
@@ -107,6 +108,7 @@ def sync_sn_options(shapes_root, *extra):
                    'train_dataloader.batch_size=2', 'default_hooks.logger.interval=1', *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dist_train_two_cpu_processes_with_sync_sn_then_test(shapes_root, tmp_path):
     work_dir = str(tmp_path / 'work')
@@ -146,6 +148,7 @@ def wait_for(path, job, timeout=120):
 HANG_TIMEOUT, TORCHRUN_GRACE = 8, 30
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_stopped_rank_ends_the_job_within_its_timeout_naming_the_rank(shapes_root, tmp_path):
     """A rank that stops responding (SIGSTOP) mid-training: the others' collective fails

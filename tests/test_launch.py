@@ -55,6 +55,7 @@ TRAINER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_no_gloo_thread_outlives_a_finished_run(tmp_path):
     """gloo's worker threads free finished collectives' tensors under the GIL; one still

@@ -85,6 +85,7 @@ def count_sync_step(rank, world_size, init_file, out_dir, layer_class):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layer_class, budget', [(SyncSwitchNorm, 6),
                                                   (SyncSwitchWhiten2d, 8)],
                          ids=['SyncSN', 'SyncSW'])

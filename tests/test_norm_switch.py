@@ -84,6 +84,7 @@ def batch_norms(counts):
     return sum(n for kind, n in counts.items() if 'BatchNorm' in kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope,path', UPSTREAM, ids=[p.split('/')[1][:-3] for _, p in UPSTREAM])
 def test_sn_switch_rewrites_every_batch_norm(scope, path):
     cfg = upstream(scope, path)
@@ -195,6 +196,7 @@ def test_models_that_cannot_be_switched_are_refused():
         switch_config_norm(upstream('mmdet', 'ssd/ssd300_coco.py'), 'LN')
 
 
+@pytest.mark.slow
 def test_pretrained_weights_converted_or_a_clear_stop(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     cfg = upstream('mmdet', 'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py')
@@ -273,6 +275,7 @@ def test_batch_size_scales_the_learning_rate_from_the_configs_total():
         scale_batch_size(Config(dict(train_dataloader=dict(batch_size=2))), 1, 1, 'x.py')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope,path,norm', [
     ('mmseg', 'fcn/fcn_r50-d8_4xb2-40k_cityscapes-512x1024.py', 'SN'),
     ('mmseg', 'fastscnn/fast_scnn_8xb4-160k_cityscapes-512x1024.py', 'GN'),
@@ -294,6 +297,7 @@ def test_switched_models_take_a_training_step(scope, path, norm):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_train_tool_prints_every_changed_module_and_the_study_tool_runs(tmp_path):
     """The study tool on two tiny runs (BN and SN, one process), through tools/train.py
     --norm/--batch-size; run again, it keeps both runs (resume)."""

@@ -51,6 +51,7 @@ def tiny_backbones():
                                                            strides=(1, 2, 1, 1), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm_cfg,layer_name', [
     (dict(type='SN'), 'SwitchNorm2d'), (dict(type='SyncSN'), 'SyncSwitchNorm'),
     (dict(type='SW', num_pergroup=16), 'SwitchWhiten2d')])
@@ -255,6 +256,7 @@ def test_history_buffer_getattr_resolves_only_its_statistics(tmp_path):
         load_checkpoint_file(str(tmp_path / 'x.pth'))
 
 
+@pytest.mark.slow
 def test_import_mmsn_imports_neither_mmdet_nor_mmseg():
     import subprocess
     import sys
@@ -267,6 +269,7 @@ def test_import_mmsn_imports_neither_mmdet_nor_mmseg():
     assert out.strip() == '[]'
 
 
+@pytest.mark.slow
 def test_tools_refuse_an_untrusted_checkpoint_and_load_it_with_trust_checkpoint(tmp_path):
     import importlib.util
     import os.path as osp
@@ -291,6 +294,7 @@ def test_tools_refuse_an_untrusted_checkpoint_and_load_it_with_trust_checkpoint(
     assert marker.exists() and (tmp_path / 'out.pth').exists()
 
 
+@pytest.mark.slow
 def test_a_refused_file_leaves_history_buffer_class_state_alone(tmp_path):
     """HistoryBuffer.__setstate__ writes into a class attribute; a file must not change it
     for the whole process, refused or not."""
@@ -315,6 +319,7 @@ def test_a_refused_file_leaves_history_buffer_class_state_alone(tmp_path):
     assert HistoryBuffer([1.0, 3.0], [1, 1]).mean() == 2.0
 
 
+@pytest.mark.slow
 def test_swresnet_builds_from_the_root_registry_in_a_fresh_process():
     import subprocess
     import sys
@@ -331,6 +336,7 @@ def test_swresnet_builds_from_the_root_registry_in_a_fresh_process():
                                   'mmseg.models.backbones.resnet']
 
 
+@pytest.mark.slow
 def test_loading_in_a_fresh_process_keeps_history_buffer_statistics(tmp_path):
     """Until a first HistoryBuffer is made the class's statistics table is empty; loading a
     checkpoint must leave the four defaults usable."""

@@ -82,6 +82,7 @@ def _average_on_ranks(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_batch_average_is_reduced_over_processes(tmp_path):
     import socket
@@ -410,6 +411,7 @@ def test_deployment_refuses_a_switchable_layer_in_training_mode():
         deploy_hard_switchable(model)
 
 
+@pytest.mark.slow
 def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
     from mmengine.runner import Runner
     cfg = short_demo_run(max_iters=4, interval=4)
@@ -451,6 +453,7 @@ def test_hooks_under_a_runner_and_the_plot_tool(tmp_path, short_demo_run):
     assert sorted(F.softmax(logits, 0).tolist()) == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.slow
 def test_batch_average_tool_on_a_checkpoint(tmp_path):
     pytest.importorskip('mmseg')
     from mmengine.config import Config

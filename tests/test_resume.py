@@ -22,10 +22,10 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEGMENTATION = 'configs/demo/fcn_r18-sn_shapes.py'
 DETECTION = 'configs/demo/mask-rcnn_r18-sn_fpn-sn_shapes.py'
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (osp.isdir(osp.join(ROOT, 'configs')) and
          __import__('importlib').util.find_spec('mmseg') is not None),
-    reason='needs mmseg and mmdet (make test installs them)')
+    reason='needs mmseg and mmdet (make test installs them)')]
 
 
 @pytest.fixture(scope='module')

@@ -111,6 +111,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sizes,backend', [
     ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton-wide'),
     ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
@@ -225,6 +226,7 @@ def double_backward_rank(rank, world_size, port, out_dir, backend):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
 @pytest.mark.timeout(180)
 def test_double_backward_of_synchronized_layers_is_a_clear_error(backend, tmp_path):
