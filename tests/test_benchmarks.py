@@ -64,3 +64,14 @@ def test_counts_of_zero_are_refused_by_name(capsys, monkeypatch):
         bench_host_overhead.main(['--rounds', '0'])
     assert exit_info.value.code == 2
     assert 'argument --rounds: expected a positive integer, got 0' in capsys.readouterr().err
+
+
+def test_replay_of_recorded_calls_smoke(tmp_path):
+    """The GPU replay of tests/data/norm_calls.json (benchmarks/replay_norm_calls.py) on a
+    few small recorded calls, kernels interpreted, in 2 worker processes as on a GPU."""
+    pytest.importorskip('triton')
+    rows = run_smoke('replay_norm_calls.py', tmp_path, '--jobs', '2')
+    assert rows and all(row['ok'] == 'True' for row in rows)
+    assert {row['layer'].split('-')[0] for row in rows} >= {'SwitchNorm2d', 'SwitchWhiten2d'}
+    assert {row['mode'] for row in rows} >= {'train+bwd', 'eval'}
+    assert 'bfloat16' in {row['dtype'] for row in rows}

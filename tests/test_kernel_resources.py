@@ -1,66 +1,90 @@
-"""The kernels compiled ahead of time for real GPUs (sm_80, sm_90) with Triton's compiler
-and ptxas, no GPU needed: ``mmsn.ops.aot`` records the launches the layers really make at
-ResNet-50 shapes (the planning code, kernels not run), compiles each distinct one and reads
-registers and stack from the cubin. Runs in a subprocess: the kernels must be compiled, not
-interpreted (conftest sets TRITON_INTERPRET=1 for this process).
+"""The kernels compiled ahead of time for real GPUs (sm_80, sm_90), no GPU needed, for the
+calls users make: ``python -m mmsn.ops.aot --calls tests/data/norm_calls.json`` replays every
+recorded layer call plan-only (the shipped configs in inference and a training step, in
+float32 and in what ``--amp`` gives, upstream configs under ``--norm``, the edge-value
+sweep, Cityscapes' whole image and a 3D volume; synchronized calls in a real 2-process gloo
+group), binds each launch as Triton's launcher does, compiles every distinct one for both
+architectures and checks: no compile error, no spill, registers within the kernel's budget
+(and a block's), shared memory within the architecture's limit, grids within CUDA's limits
+(``mmsn/ops/aot.py`` says why each). Runs in a subprocess: the kernels must be compiled,
+not interpreted (conftest sets TRITON_INTERPRET=1 for this process).
 
-What is enforced here (a representative subset, within two minutes on 2 cores): every
-launch of SN and of SW at 16, 32 and 64 channels per group compiles for both architectures,
-within its register budget, without spills or stack.
-``python -m mmsn.ops.aot`` runs the whole sweep and lists every problem.
+Time on 2 cores: COLD_SECONDS with an empty Triton cache (measured: 1481 s of CPU for 1796
+compiles, 898 distinct launches per architecture, so about 12.5 minutes on 2 idle cores;
+48 minutes of wall time on a machine that other work kept at 50%), WARM_SECONDS with it
+(``<triton cache dir>/mmsn-aot`` keeps each launch's result: planning only; measured 27 s,
+17 s of CPU). The cold time is twice the issue's 6-minute budget: the one-program mixing
+kernels specialize on every integer size (N, C, L, splits, groups), so each edge value of
+the sweep is a new binary; ``do_not_specialize`` on those sizes would halve their variants.
+The timeout allows twice the cold time for a machine that other work slows down.
 """
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 pytest.importorskip('triton')
 
-SUBSET = ['--batches', '2', '32', '--dtypes', 'float32', 'bfloat16', 'float16',
-          '--layouts', 'nchw', 'channels_last', '--shapes', '64x112x112', '256x56x56',
-          '512x7x7', '2048x7x7']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALLS = os.path.join(ROOT, 'tests', 'data', 'norm_calls.json')
+#: measured on this project's 2-core machine (see the module docstring)
+COLD_SECONDS, WARM_SECONDS = 760, 30
+KERNELS = {'_moments_kernel', '_affine_kernel', '_grad_sums_kernel', '_grad_input_kernel',
+           '_mix_forward_kernel', '_mix_backward_kernel', '_group_moments_kernel',
+           '_whiten_kernel', '_whiten_grad_sums_kernel', '_whiten_grad_input_kernel',
+           '_sw_batch_kernel', '_sw_mix_kernel', '_sw_mix_backward_kernel',
+           '_sw_batch_backward_kernel', '_sw_input_coefficients_kernel'}
 
 
-def run_check(tmp_path, kinds, architectures, subset=SUBSET):
-    out = tmp_path / 'rows.json'
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run(
-        [sys.executable, '-m', 'mmsn.ops.aot', '--kinds', *kinds, '--archs', *architectures,
-         '--json', str(out), *subset], env=env, capture_output=True, text=True, timeout=300)
-    assert out.exists(), result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+def compiled_env():
+    return {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
 
 
-def test_sn_kernels_compile_within_budget(tmp_path):
-    from mmsn.ops.aot import problems
-    rows = run_check(tmp_path, ['sn'], ['80', '90'])
-    kernels = {row['kernel'] for row in rows}
-    assert kernels == {'_moments_kernel', '_affine_kernel', '_grad_sums_kernel',
-                       '_grad_input_kernel', '_mix_forward_kernel', '_mix_backward_kernel'}
-    assert {row['dtypes'] for row in rows} >= {'*fp32', '*bf16, *fp32', '*fp16, *fp32'}
-    assert not [row for row in rows if row['error']]
-    assert problems(rows) == []
+@pytest.mark.timeout(2 * COLD_SECONDS + 60)
+def test_recorded_calls_compile_within_budget(tmp_path):
+    out = tmp_path / 'check.json'
+    run = subprocess.run(
+        [sys.executable, '-m', 'mmsn.ops.aot', '--calls', CALLS, '--quiet', '--json', str(out)],
+        env=compiled_env(), cwd=ROOT, capture_output=True, text=True,
+        timeout=2 * COLD_SECONDS)
+    assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result['rows']
+    assert {row['kernel'] for row in rows} == KERNELS
+    assert {row['arch'] for row in rows} == {'sm_80', 'sm_90'}
+    assert {'*fp64', '*fp32', '*bf16, *fp32', '*fp16, *fp32'} <= {row['dtypes'] for row in rows}
+    summary = run.stdout.strip().splitlines()
+    assert not result['problems'], '\n'.join(
+        [next(line for line in summary if 'launches planned' in line)] + result['problems'])
 
 
-def test_sw_kernels_compile_within_budget(tmp_path):
-    """SW at 16, 32 and 64 channels per group (Newton's forward in registers at 16 and
-    32, through scratch memory at 64 and in every backward), three dtypes, both layouts,
-    maps of 56x56 and 14x14 (the SW placements whiten stages 1-3 only; 64 channels: one
-    group of 64, whose count Triton
-    passes as a constexpr; every shape is in the full sweep of
-    ``python -m mmsn.ops.aot``): no spill, no stack, within budget on sm_80 and sm_90."""
-    from mmsn.ops.aot import problems
-    rows = run_check(tmp_path, ['sw16', 'sw32', 'sw64'], ['80', '90'],
-                     subset=['--batches', '8', '--dtypes', 'float32', 'bfloat16', 'float16',
-                             '--layouts', 'nchw', 'channels_last',
-                             '--shapes', '256x56x56', '1024x14x14', '64x56x56'])
-    assert {row['kernel'] for row in rows} == {
-        '_group_moments_kernel', '_whiten_kernel', '_whiten_grad_sums_kernel',
-        '_whiten_grad_input_kernel', '_sw_batch_kernel', '_sw_mix_kernel',
-        '_sw_mix_backward_kernel', '_sw_batch_backward_kernel',
-        '_sw_input_coefficients_kernel'}
-    assert {'C_PER=64' in row['constexprs'] for row in rows} == {True, False}
-    assert [row['error'] for row in rows if row['error']] == []
-    assert problems(rows) == []
+def test_each_launch_is_bound_with_its_own_values(tmp_path):
+    """Launches that differ only in what Triton's launcher specializes (an integer equal
+    to 1, an address or integer divisible by 16) or in a compile option are distinct
+    launches to compile."""
+    script = textwrap.dedent('''
+        import torch, triton, triton.language as tl
+        from mmsn.ops.aot import LaunchSet
+
+        @triton.jit
+        def kernel(x_ptr, n, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.arange(0, BLOCK), n)
+
+        launches = LaunchSet()
+        x = torch.empty(64)
+        for ptr, n in ((x, 32), (x, 33), (x[1:], 32), (x, 1), (x, 64)):
+            launches.observe(kernel, (1,), (ptr, n), dict(BLOCK=16, num_warps=4))
+        launches.observe(kernel, (70000, 70000), (x, 32), dict(BLOCK=16, num_warps=4))
+        launches.observe(kernel, (1,), (x, 32), dict(BLOCK=16, num_warps=4, maxnreg=128))
+        print(len(launches.launches), launches.count, len(launches.grid_problems))
+    ''')
+    (tmp_path / 'bind.py').write_text(script)  # (@triton.jit needs a source file)
+    run = subprocess.run([sys.executable, str(tmp_path / 'bind.py')], env=compiled_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # (x, 32) and (x, 64) share one binary, a register cap makes another; the grid's y over
+    # 65535 is a problem
+    assert run.stdout.split() == ['5', '7', '1']

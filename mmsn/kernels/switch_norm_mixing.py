@@ -35,8 +35,30 @@ the BN moments, to be all-reduced), STAGE 2 after it; STAGE 0 does both without 
 ``stats`` holds ``[mean_ln (N), var_ln (N), mean_bn (C), var_bn (C), T]`` in the accumulation
 dtype; the backward's ``grad_stats`` holds the gradients of the first four.
 """
+import inspect
+
 import triton
 import triton.language as tl
+
+
+def mixing_jit(fn):
+    """``triton.jit`` for the mixing kernels (SN's one program, SW's one per group or
+    instance): specialized on no integer argument, with a register budget of their own.
+
+    Triton's launcher compiles a variant per launch for every integer argument equal to 1 or
+    divisible by 16. These kernels read the moments, not x, so such hints buy them little,
+    while specializing on each of N, C, L, the splits and the ranks made each new batch or
+    map size a new compile (seconds at 64 channels per group) at run time, and doubled the
+    variants the compile check builds. Pointers keep their alignment hint: without it SW's
+    mixing backward at 64 channels per group spilled 150-400 bytes a thread (unvectorized
+    loads of its c x c operands), with it none; the buffers passed are whole allocations or
+    views at multiples of 16 bytes, so this costs no variants in practice.
+    """
+    integers = [name for name, param in inspect.signature(fn).parameters.items()
+                if param.annotation is not tl.constexpr and not name.endswith('_ptr')]
+    kernel = triton.jit(fn, do_not_specialize=integers)
+    kernel.mixing = True  # (its register budget: mmsn/ops/library.py, register_budget)
+    return kernel
 
 
 @triton.jit
@@ -49,6 +71,21 @@ def _ratios(ptr, K: tl.constexpr, LOGITS: tl.constexpr, ACC: tl.constexpr):
         e = tl.exp(logits - tl.max(logits, axis=0))
         return e / tl.sum(e, axis=0)
     return tl.load(ptr + k, mask=k < K, other=0.0).to(ACC)
+
+
+@triton.jit
+def _scalar(value, ACC: tl.constexpr):
+    """An integer argument as an ACC scalar. Not ``value.to(ACC)``: Triton's launcher passes
+    an integer argument equal to 1 as a constexpr (batch 1, 1x1 maps, one group), and a
+    constexpr, or a product of two, has no ``.to``; the sum is a tensor either way."""
+    return tl.zeros((), dtype=ACC) + value
+
+
+@triton.jit
+def _count(N, L, ACC: tl.constexpr):
+    """``N L`` elements as an ACC scalar: multiplied in floating point (the int32 product of
+    two int32 arguments would overflow past 2**31), from :func:`_scalar` (either may be 1)."""
+    return _scalar(N, ACC) * L
 
 
 @triton.jit
@@ -92,7 +129,7 @@ def _merge(count, mean, m2, part_count, part_mean, part_m2):
     return total, mean + delta * fraction, m2 + part_m2 + delta * delta * count * fraction
 
 
-@triton.jit
+@mixing_jit
 def _mix_forward_kernel(
         pivot_ptr,                          # (N, C) each instance's first element
         part_mean_ptr, part_m2_ptr,         # (S, N, C) per-split mean of x - pivot, and M2
@@ -123,9 +160,11 @@ def _mix_forward_kernel(
                         count, mean, m2, split_count,
                         tl.load(part_mean_ptr + s * N * C + at, mask=mask, other=0.0),
                         tl.load(part_m2_ptr + s * N * C + at, mask=mask, other=0.0))
-                pivot = tl.load(pivot_ptr + at, mask=mask, other=0.0)
+                # an empty map (L = 0) has no moments pass (S = 0): no pivot was written,
+                # and its moments are zero, as the reference's
+                pivot = tl.load(pivot_ptr + at, mask=tl.where(S > 0, mask, False), other=0.0)
                 tl.store(mean_in_ptr + at, pivot + mean, mask=mask)
-                tl.store(var_in_ptr + at, m2 / L, mask=mask)
+                tl.store(var_in_ptr + at, m2 / tl.maximum(_scalar(L, ACC), 1.0), mask=mask)
         tl.debug_barrier()
     if STAGE == 1:
         # this rank's BN moments, packed for the all-gather: [N L, mean (C), M2 (C)]
@@ -134,8 +173,8 @@ def _mix_forward_kernel(
             mean, var = _local_batch_moments(mean_in_ptr, var_in_ptr, c0, N, C, BLOCK_N,
                                              BLOCK_C, ACC)
             tl.store(parts_ptr + 1 + cs, mean, mask=cs < C)
-            tl.store(parts_ptr + 1 + C + cs, var * (N * L).to(ACC), mask=cs < C)
-        tl.store(parts_ptr, (N * L).to(ACC))
+            tl.store(parts_ptr + 1 + C + cs, var * _count(N, L, ACC), mask=cs < C)
+        tl.store(parts_ptr, _count(N, L, ACC))
     else:
         p = _ratios(mean_logit_ptr, K, LOGITS, ACC)
         q = _ratios(var_logit_ptr, K, LOGITS, ACC)
@@ -223,7 +262,7 @@ def _batch_moments(mean_in_ptr, var_in_ptr, running_mean_ptr, running_var_ptr, n
     """BN moments into ``stats`` (from this rank, every rank's parts, or the buffers), and
     the running update in place: every thread reads before any writes (barriers)."""
     if BATCH:
-        total = (N * L).to(ACC)
+        total = _count(N, L, ACC)
         if STAGE == 2:
             total = tl.zeros((), dtype=ACC)
             for r in range(R):
@@ -231,13 +270,14 @@ def _batch_moments(mean_in_ptr, var_in_ptr, running_mean_ptr, running_var_ptr, n
         tracked = tl.load(tracked_ptr)
         seen = total > 0
         new_tracked = tracked + seen.to(tracked.dtype)
+        # (float32 division compiles to the approximate div.full.f32 on NVIDIA, as every
+        # division in these kernels: within 2 ulp, which the momentum factor and Bessel's
+        # correction of a running estimate can well afford)
         if CUMULATIVE:
-            factor = tl.fdiv(seen.to(ACC), tl.maximum(new_tracked.to(ACC), 1.0))
+            factor = seen.to(ACC) / tl.maximum(new_tracked.to(ACC), 1.0)
         else:
             factor = seen.to(ACC) * momentum
-        # (scalar divisions without IEEE rounding: its slow-path subroutine needs a stack
-        # frame on sm_80, which the resource check counts as a spill)
-        unbiased = tl.where(total > 1, tl.fdiv(total, tl.maximum(total - 1, 1.0)), 1.0)
+        unbiased = tl.where(total > 1, total / tl.maximum(total - 1, 1.0), 1.0)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             if STAGE == 2:  # every rank's packed moments, merged in rank order
@@ -274,7 +314,7 @@ def _batch_moments(mean_in_ptr, var_in_ptr, running_mean_ptr, running_var_ptr, n
                      tl.load(running_mean_ptr + cs, mask=cs < C, other=0.0).to(ACC), mask=cs < C)
             tl.store(stats_ptr + 2 * N + C + cs,
                      tl.load(running_var_ptr + cs, mask=cs < C, other=0.0).to(ACC), mask=cs < C)
-        tl.store(stats_ptr + 2 * N + 2 * C, (N * L).to(ACC))
+        tl.store(stats_ptr + 2 * N + 2 * C, _count(N, L, ACC))
 
 
 @triton.jit
@@ -313,7 +353,7 @@ def _ratio_gradient(p, d_p0, d_p1, d_p2, ptr, K: tl.constexpr, LOGITS: tl.conste
     tl.store(ptr + k, d_p.to(ptr.dtype.element_ty), mask=k < K)
 
 
-@triton.jit
+@mixing_jit
 def _mix_backward_kernel(
         sum_dy_ptr, sum_dyc_ptr,            # (S, N, C) per-split sums of dy, dy (x - mean_in)
         mean_in_ptr, var_in_ptr, stats_ptr,  # (N, C), (N, C), (2N + 2C + 1,) from the forward
@@ -388,7 +428,9 @@ def _mix_backward_kernel(
     if STAGE != 1:
         # per instance: the gradient of the IN moments, as dx's coefficients
         total = tl.load(stats_ptr + 2 * N + 2 * C)
-        batch_weight = L / tl.maximum(total, 1.0)
+        length = _scalar(L, ACC)
+        batch_weight = length / tl.maximum(total, 1.0)
+        length = tl.maximum(length, 1.0)  # (an empty map: a and b are never applied)
         for n0 in range(0, N, BLOCK_N):
             for c0 in range(0, C, BLOCK_C):
                 (ns, cs, at, mask, d_mean, d_var, g_dy, d_gamma_terms, mean_in, var_in,
@@ -405,5 +447,5 @@ def _mix_backward_kernel(
                              + (d_mean_bn + d_var_bn * 2 * (mean_in - mean_bn[None, :]))
                              * batch_weight)
                 d_var_in = _entry(q, 0) * d_var + d_var_ln / C + d_var_bn * batch_weight
-                tl.store(a_ptr + at, 2 * d_var_in / L, mask=mask)
-                tl.store(b_ptr + at, d_mean_in / L, mask=mask)
+                tl.store(a_ptr + at, 2 * d_var_in / length, mask=mask)
+                tl.store(b_ptr + at, d_mean_in / length, mask=mask)

@@ -16,9 +16,14 @@ Between the passes, the mixing step and its vector-Jacobian product run in the s
 kernels of ``switch_whiten_mixing.py``.
 
 ``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
+
+Grids and positions as for SN (``switch_norm.py``): the (n, group) instances times the blocks
+of L (or the splits) numbered flat, the instance fastest, on axis 0 unless ``FOLDED``.
 """
 import triton
 import triton.language as tl
+
+from .switch_norm import _grid_position
 
 
 @triton.jit
@@ -32,28 +37,28 @@ def _group_tile(ptr, n, g, offsets, L, C_PER: tl.constexpr, stride_n, stride_g, 
 
 
 @triton.jit
-def _group_instance(G, C_PER: tl.constexpr):
-    """This program's (n, group) instance: its flat index, n, g and the channel rows."""
-    instance = tl.program_id(0)
-    return instance, instance // G, instance % G, tl.arange(0, C_PER)
+def _group_instance(NG, G, C_PER: tl.constexpr, FOLDED: tl.constexpr):
+    """This program's (n, group) instance: its flat index (int64), n, g, its block of L (or
+    split) and the channel rows."""
+    instance, block = _grid_position(NG, FOLDED)
+    return instance.to(tl.int64), instance // G, instance % G, block, tl.arange(0, C_PER)
 
 
 @triton.jit
 def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk, stride_n,
                           stride_g, stride_c, stride_l, C_PER: tl.constexpr,
                           BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                          FINAL: tl.constexpr):
+                          FINAL: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
     """Sums of ``x - pivot`` and their Gram matrix over this split of the instance, with
     ``pivot`` its first column; ``FINAL`` (one split): the mean into ``pivot_ptr`` and the
     population covariance into ``gram_ptr`` instead."""
-    instance, n, g, rows = _group_instance(G, C_PER)
-    split = tl.program_id(1)
+    instance, n, g, split, rows = _group_instance(NG, G, C_PER, FOLDED)
     first, _ = _group_tile(x_ptr, n, g, tl.arange(0, 1), L, C_PER, stride_n, stride_g,
                            stride_c, stride_l)
     pivot = tl.load(first).to(ACC)                                   # (c, 1)
     total = tl.zeros((C_PER,), dtype=ACC)
     gram = tl.zeros((C_PER, C_PER), dtype=ACC)
-    start_at = split * chunk
+    start_at = split.to(POSITIONS) * chunk
     end = tl.minimum(start_at + chunk, L)
     for start in range(start_at, end, BLOCK):
         at, mask = _group_tile(x_ptr, n, g, start + tl.arange(0, BLOCK), end, C_PER, stride_n,
@@ -62,16 +67,19 @@ def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk
         total += tl.sum(tile, axis=1)
         gram += tl.dot(tile, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
     square = rows[:, None] * C_PER + rows[None, :]
+    live = rows < C_PER
+    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
+        live = rows < tl.where(start_at < L, C_PER, 0)
     if FINAL:
-        # (divisions without IEEE rounding: the slow path's subroutine needs a stack frame)
-        shift = tl.fdiv(total, tl.zeros_like(total) + L)
-        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)) + shift)
+        shift = total / L
+        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)) + shift,
+                 mask=live)
         tl.store(gram_ptr + instance * C_PER * C_PER + square,
-                 tl.fdiv(gram, tl.zeros_like(gram) + L) - shift[:, None] * shift[None, :])
+                 gram / L - shift[:, None] * shift[None, :], mask=live[:, None])
     else:
         out = split * NG + instance
-        tl.store(total_ptr + out * C_PER + rows, total)
-        tl.store(gram_ptr + out * C_PER * C_PER + square, gram)
+        tl.store(total_ptr + out * C_PER + rows, total, mask=live)
+        tl.store(gram_ptr + out * C_PER * C_PER + square, gram, mask=live[:, None])
         if split == 0:
             tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)))
 
@@ -83,16 +91,16 @@ def _load_matrix(ptr, instance, C_PER: tl.constexpr, TRANSPOSE: tl.constexpr = F
         square = rows[None, :] * C_PER + rows[:, None]
     else:
         square = rows[:, None] * C_PER + rows[None, :]
-    return tl.load(ptr + instance.to(tl.int64) * C_PER * C_PER + square)
+    return tl.load(ptr + instance * C_PER * C_PER + square)
 
 
 @triton.jit
-def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, stride_n, stride_g,
-                   stride_c, stride_l, y_stride_n, y_stride_g, y_stride_c, y_stride_l,
-                   C_PER: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    instance, n, g, rows = _group_instance(G, C_PER)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, stride_n,
+                   stride_g, stride_c, stride_l, y_stride_n, y_stride_g, y_stride_c,
+                   y_stride_l, C_PER: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                   PRECISION: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
+    instance, n, g, block, rows = _group_instance(NG, G, C_PER, FOLDED)
+    offsets = block.to(POSITIONS) * BLOCK + tl.arange(0, BLOCK)
     matrix = _load_matrix(matrix_ptr, instance, C_PER)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
     shift = tl.load(shift_ptr + instance * C_PER + rows)
@@ -109,13 +117,13 @@ def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, stride
 def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L, NG, chunk,
                              stride_n, stride_g, stride_c, stride_l, dy_stride_n, dy_stride_g,
                              dy_stride_c, dy_stride_l, C_PER: tl.constexpr,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    instance, n, g, rows = _group_instance(G, C_PER)
-    split = tl.program_id(1)
+                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                             FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
+    instance, n, g, split, rows = _group_instance(NG, G, C_PER, FOLDED)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
     outer = tl.zeros((C_PER, C_PER), dtype=ACC)
     total = tl.zeros((C_PER,), dtype=ACC)
-    start_at = split * chunk
+    start_at = split.to(POSITIONS) * chunk
     end = tl.minimum(start_at + chunk, L)
     for start in range(start_at, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
@@ -128,19 +136,24 @@ def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G
         outer += tl.dot(grads, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
         total += tl.sum(grads, axis=1)
     out = split * NG + instance
-    tl.store(outer_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], outer)
-    tl.store(sum_dy_ptr + out * C_PER + rows, total)
+    live = rows < C_PER
+    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
+        live = rows < tl.where(start_at < L, C_PER, 0)
+    tl.store(outer_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], outer,
+             mask=live[:, None])
+    tl.store(sum_dy_ptr + out * C_PER + rows, total, mask=live)
 
 
 @triton.jit
 def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_ptr, moment_ptr, mean_ptr,
-                              vector_ptr, G, L, stride_n, stride_g, stride_c, stride_l,
+                              vector_ptr, G, L, NG, stride_n, stride_g, stride_c, stride_l,
                               dy_stride_n, dy_stride_g, dy_stride_c, dy_stride_l, dx_stride_n,
                               dx_stride_g, dx_stride_c, dx_stride_l, C_PER: tl.constexpr,
                               BLOCK: tl.constexpr, ACC: tl.constexpr,
-                              PRECISION: tl.constexpr):
-    instance, n, g, rows = _group_instance(G, C_PER)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                              PRECISION: tl.constexpr, FOLDED: tl.constexpr,
+                              POSITIONS: tl.constexpr):
+    instance, n, g, block, rows = _group_instance(NG, G, C_PER, FOLDED)
+    offsets = block.to(POSITIONS) * BLOCK + tl.arange(0, BLOCK)
     matrix_t = _load_matrix(matrix_ptr, instance, C_PER, TRANSPOSE=True)
     moment = _load_matrix(moment_ptr, instance, C_PER)
     mean = tl.load(mean_ptr + instance * C_PER + rows)

@@ -43,7 +43,7 @@ Backward, between the ``dy`` sums pass (``G = sum dy (x - m)^T``, ``s = sum dy``
 import triton
 import triton.language as tl
 
-from .switch_norm_mixing import _entry, _ratios
+from .switch_norm_mixing import _count, _entry, _ratios, _scalar, mixing_jit
 
 #: numbers per instance in the backward's partial sums: the 8 mean-ratio terms, the 8
 #: covariance-ratio terms, then [sum dm, trace dS] for LN
@@ -61,13 +61,6 @@ def _offsets(C_PER: tl.constexpr):
 def _eye(C_PER: tl.constexpr, ACC: tl.constexpr):
     rows = tl.arange(0, C_PER)
     return tl.where(rows[:, None] == rows[None, :], 1.0, 0.0).to(ACC)
-
-
-@triton.jit
-def _scalar(value, ACC: tl.constexpr):
-    """An integer argument as an ACC scalar (Triton passes arguments equal to 1 as
-    constexprs, which have no ``.to``)."""
-    return tl.zeros((), dtype=ACC) + value
 
 
 @triton.jit
@@ -281,7 +274,7 @@ def _inverse_sqrt_backward(trace, whitening, grad, scratch_ptr, square,
     return grad_normalised / trace + grad_trace * _eye(C_PER, ACC)
 
 
-@triton.jit
+@mixing_jit
 def _sw_batch_kernel(
         mean_ptr, cov_ptr,                  # (N, G, c), (N, G, c, c) IW moments
         parts_ptr,                          # (R, 1 + Gc + Gcc) packed moments of every rank
@@ -311,7 +304,7 @@ def _sw_batch_kernel(
                     + count * deviation[:, None] * deviation[None, :])
         cov = cov / tl.maximum(total, 1.0)
     else:  # this rank's N samples, L elements each
-        total = _scalar(N * L, ACC)
+        total = _count(N, L, ACC)
         for n in range(N):
             mean += tl.load(mean_ptr + (n * G + g).to(tl.int64) * C_PER + rows)
         mean = mean / tl.maximum(_scalar(N, ACC), 1.0)
@@ -333,11 +326,14 @@ def _sw_batch_kernel(
             tl.store(batch_ptr + G * C_PER + G * C_PER * C_PER, total)
         if UPDATE:  # (the counter itself is advanced by _sw_mix_kernel, launched after)
             seen = (total > 0).to(ACC)
+            # (float32 division compiles to the approximate div.full.f32 on NVIDIA, as
+            # every division in these kernels: within 2 ulp, which the momentum factor and
+            # Bessel's correction of a running estimate can well afford)
             if CUMULATIVE:
-                factor = tl.fdiv(seen, tl.maximum(tl.load(tracked_ptr).to(ACC) + seen, 1.0))
+                factor = seen / tl.maximum(tl.load(tracked_ptr).to(ACC) + seen, 1.0)
             else:
                 factor = seen * momentum
-            unbiased = tl.where(total > 1, tl.fdiv(total, tl.maximum(total - 1, 1.0)), 1.0)
+            unbiased = tl.where(total > 1, total / tl.maximum(total - 1, 1.0), 1.0)
             old_mean = tl.load(running_mean_ptr + g * C_PER + rows)
             old_cov = tl.load(running_cov_ptr + g * C_PER * C_PER + square)
             new_mean = (1 - factor) * old_mean.to(ACC) + factor * mean
@@ -347,7 +343,7 @@ def _sw_batch_kernel(
             tl.store(new_cov_ptr + g * C_PER * C_PER + square, new_cov.to(old_cov.dtype))
 
 
-@triton.jit
+@mixing_jit
 def _sw_mix_kernel(
         mean_ptr, cov_ptr,                  # (N, G, c), (N, G, c, c) IW moments
         batch_mean_ptr, batch_cov_ptr,      # (G, c), (G, c, c) BW moments: batch or running
@@ -403,7 +399,7 @@ def _sw_mix_kernel(
         tl.store(shift_ptr + at * C_PER + rows, shift)
 
 
-@triton.jit
+@mixing_jit
 def _sw_mix_backward_kernel(
         mean_ptr, cov_ptr, batch_mean_ptr, batch_cov_ptr,  # as for _sw_mix_kernel
         mean_logit_ptr, var_logit_ptr, weight_ptr,
@@ -435,17 +431,18 @@ def _sw_mix_backward_kernel(
     d_centre = -tl.sum(gamma[:, None] * whitening * sum_dy[:, None], axis=0)  # -M^T s
     tl.store(d_gamma_ptr + at * C_PER + rows, tl.sum(outer * whitening, axis=1))
     tl.store(d_centre_ptr + at * C_PER + rows, d_centre)
+    # the mean terms now: only these scalars, not the vectors, live through Newton's backward
+    dm_mu = tl.sum(d_centre * mu, axis=0)
+    dm_mu_b = tl.sum(d_centre * mu_b, axis=0)
+    sum_dm = tl.sum(d_centre, axis=0)
     d_mixed = _inverse_sqrt_backward(_total(mixed * eye), whitening, gamma[:, None] * outer,
                                      scratch, square, ITERATIONS, C_PER, ACC)
     tl.store(d_cov_ptr + at * C_PER * C_PER + square, d_mixed)
     # read again rather than kept live through Newton's backward (registers)
     cov, cov_b = _covariances(cov_ptr, batch_cov_ptr, at, g, C_PER, ACC)
     d_diagonal = d_mixed * _eye(C_PER, ACC)
-    dm_mu = tl.sum(d_centre * mu, axis=0)
-    dm_mu_b = tl.sum(d_centre * mu_b, axis=0)
     ds_cov = _total(d_mixed * cov)
     ds_cov_b = _total(d_mixed * cov_b)
-    sum_dm = tl.sum(d_centre, axis=0)
     trace_ds = _total(d_diagonal)
     if K == 5:
         d_p = _vector8(dm_mu_b, dm_mu, dm_mu_b, dm_mu, mean_ln * sum_dm)
@@ -461,7 +458,7 @@ def _sw_mix_backward_kernel(
     tl.store(row + 16 + k, _vector8(sum_dm, trace_ds, 0.0, 0.0, 0.0))
 
 
-@triton.jit
+@mixing_jit
 def _sw_batch_backward_kernel(
         d_cov_ptr, d_centre_ptr, d_gamma_ptr, sum_dy_ptr, partial_ptr,  # from above
         mean_logit_ptr, var_logit_ptr,
@@ -516,7 +513,7 @@ def _sw_batch_backward_kernel(
         tl.store(d_var_logit_ptr + k, d_q.to(d_var_logit_ptr.dtype.element_ty), mask=k < K)
 
 
-@triton.jit
+@mixing_jit
 def _sw_input_coefficients_kernel(
         mean_ptr,                           # (N, G, c) IW means
         batch_ptr,                          # (Gc + Gcc + 1,) mu_B, Sigma_B, T

@@ -11,13 +11,16 @@ kernels and can fuse with the neighbouring ReLU or residual add (a custom op is 
 it); ``MMSN_BACKEND=triton`` keeps mmsn's kernels there, as ``torch.ops.mmsn`` custom ops
 (``sn_forward``/``sn_backward``, ``sw_forward``/``sw_backward``: the same code as eager).
 
-A forced backend that cannot be honoured raises; a GPU older than
-``MIN_COMPUTE_CAPABILITY`` uses the reference, with one warning.
+A forced backend that cannot be honoured raises; a CUDA tensor that the kernels cannot serve
+(no Triton, a torch without ``torch.library.custom_op``, a GPU older than
+``MIN_COMPUTE_CAPABILITY``) takes the reference, with one warning per device naming what is
+missing.
 """
 import functools
 import importlib.util
 import os
 import warnings
+from typing import List
 
 import torch
 
@@ -29,14 +32,16 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton, r
 BACKENDS = ('torch', 'triton')
 
 if hasattr(torch.library, 'custom_op'):  # the kernels' ops need torch >= 2.4
-    from .library import KERNEL_GROUP_SIZES  # (importing it registers torch.ops.mmsn.*)
+    from .library import sw_kernels_refuse
     from .triton_switch_norm import switch_norm_triton
     from .triton_switch_whiten import switch_whiten_triton
 
 
 # Looked up once, at import: backend_for runs in every SN/SW forward (and under dynamo).
-KERNELS_AVAILABLE = (importlib.util.find_spec('triton') is not None
-                     and hasattr(torch.library, 'custom_op'))
+TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
+#: the kernels' ops are ``torch.library.custom_op``s (torch >= 2.4)
+CUSTOM_OPS_AVAILABLE = hasattr(torch.library, 'custom_op')
+KERNELS_AVAILABLE = TRITON_AVAILABLE and CUSTOM_OPS_AVAILABLE
 #: the oldest GPU the kernels are compiled and checked for (tests/test_kernel_resources.py)
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -56,15 +61,32 @@ def _forced_backend() -> str:
     return forced
 
 
-@functools.lru_cache(maxsize=None)
-def gpu_supported(device: torch.device) -> bool:
-    """Whether the kernels run on this CUDA device; warns once per device when not."""
+def _missing_for_kernels(device: torch.device) -> List[str]:
+    """What keeps the kernels from running on a CUDA device (nothing: an empty list)."""
+    name = torch.cuda.get_device_name(device)
+    missing = []
+    if not TRITON_AVAILABLE:
+        missing.append('Triton is not installed (pip install triton)')
+    if not CUSTOM_OPS_AVAILABLE:
+        missing.append(f'torch {torch.__version__} has no torch.library.custom_op, which the '
+                       'kernels are registered with (torch >= 2.4)')
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_COMPUTE_CAPABILITY:
-        warnings.warn(f'mmsn: {torch.cuda.get_device_name(device)} has compute capability '
-                      f'{capability[0]}.{capability[1]}; the Triton kernels are built and '
-                      f'checked for {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} '
-                      'and newer, so SN/SW use the PyTorch reference on it')
+        missing.append(f'{name} has compute capability {capability[0]}.{capability[1]}; the '
+                       'kernels are built and checked for '
+                       f'{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} and newer')
+    return missing
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_supported(device: torch.device) -> bool:
+    """Whether the kernels run on this CUDA device; when not, warns (once per device,
+    naming what is missing) that SN/SW take the PyTorch reference there."""
+    missing = _missing_for_kernels(device)
+    if missing:
+        warnings.warn(f'mmsn: SN/SW use the PyTorch reference on {device} '
+                      f'({torch.cuda.get_device_name(device)}), not the Triton kernels: '
+                      + '; '.join(missing))
         return False
     return True
 
@@ -76,7 +98,7 @@ def backend_for(x) -> str:
         return forced
     if _compiling():  # inductor fuses the reference with its neighbours
         return 'torch'
-    if x.is_cuda and KERNELS_AVAILABLE and gpu_supported(x.device):
+    if x.is_cuda and gpu_supported(x.device):
         return 'triton'
     return 'torch'
 
@@ -99,17 +121,16 @@ def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bo
     ``var_ratio`` are the ratios, or their logits with ``logits`` (softmax in at least
     float32); the other arguments as for
     :func:`~mmsn.ops.reference.switch_whiten_reference`. The kernels take groups of 16, 32
-    or 64 channels and Newton's iteration: other group sizes and ``method='eigh'`` use the
-    reference, and raise when ``MMSN_BACKEND=triton`` forces the kernels."""
+    or 64 channels (float64 at 16 or 32) and Newton's iteration: other calls use the
+    reference, and raise when ``MMSN_BACKEND=triton`` forces the kernels
+    (:func:`~mmsn.ops.library.sw_kernels_refuse`)."""
     backend = backend_for(x)
-    if backend == 'triton' and (num_pergroup not in KERNEL_GROUP_SIZES or method != 'newton'):
-        if _forced_backend():
-            if method != 'newton':
-                raise ValueError(f"method: MMSN_BACKEND=triton forces the kernels, which "
-                                 f"implement 'newton', got {method!r}")
-            raise ValueError(f'num_pergroup: MMSN_BACKEND=triton forces the kernels, which take '
-                             f'{KERNEL_GROUP_SIZES} channels per group, got {num_pergroup}')
-        backend = 'torch'
+    if backend == 'triton':
+        refusal = sw_kernels_refuse(num_pergroup, method, x.dtype)
+        if refusal and _forced_backend():
+            raise ValueError(f'MMSN_BACKEND=triton forces the kernels: {refusal}')
+        if refusal:
+            backend = 'torch'
     if backend == 'triton':
         return switch_whiten_triton(x, mean_ratio, var_ratio, *args, num_pergroup=num_pergroup,
                                     method=method, logits=logits, compiling=_compiling(),

@@ -26,19 +26,66 @@ from .reference import stats_dtype
 KERNEL_GROUP_SIZES = (16, 32, 64)
 
 
+def sw_kernels_refuse(num_pergroup: int, method: str, dtype: torch.dtype) -> Optional[str]:
+    """Why the SW kernels do not take a layer call (None when they do), naming the argument.
+
+    Float64 at 64 channels per group is left to the reference: Newton's backward on 64 x 64
+    double iterates spills 260-940 bytes a thread at any warp count on sm_80 and sm_90
+    (``mmsn.ops.aot``), and float64 on a GPU is for checking, not for speed.
+    """
+    if num_pergroup not in KERNEL_GROUP_SIZES:
+        return (f'num_pergroup: the kernels take {KERNEL_GROUP_SIZES} channels per group, got '
+                f'{num_pergroup}')
+    if method != 'newton':
+        return f"method: the kernels implement 'newton', got {method!r}"
+    if dtype == torch.float64 and num_pergroup == 64:
+        return ('input: the kernels take float64 at 16 or 32 channels per group, got float64 '
+                'at 64 (the reference serves it)')
+    return None
+
+
 #: ``observer(kernel, grid, args, options) -> run`` while :func:`observe_launches` is active
 _observer: Optional[Callable[..., bool]] = None
 #: streaming multiprocessors to plan for instead of the device's (ahead-of-time checks)
 _planned_multiprocessors: Optional[int] = None
 
 
-def launch(kernel, grid: Tuple[int, ...], *args, num_warps: int = 4, **constexprs) -> None:
-    """Launches ``kernel[grid](*args, num_warps=..., **constexprs)``: every kernel of mmsn
-    goes through here, so that :func:`observe_launches` sees exactly what the ops launch."""
-    if _observer is not None and not _observer(kernel, grid, args,
-                                               dict(constexprs, num_warps=num_warps)):
+#: registers per thread: the streaming passes (they read x) and the mixing kernels (they
+#: read the moments, see ``mixing_jit`` in ``mmsn/kernels/switch_norm_mixing.py``); why these
+#: numbers: ``mmsn/ops/aot.py``
+STREAMING_REGISTERS = 128
+MIXING_REGISTERS = 255
+#: registers of one block (every architecture since sm_50)
+BLOCK_REGISTERS = 65536
+
+
+def register_budget(kernel) -> int:
+    """The registers per thread ``kernel`` may use."""
+    return MIXING_REGISTERS if getattr(kernel, 'mixing', False) else STREAMING_REGISTERS
+
+
+def register_cap(num_warps: int) -> int:
+    """ptxas's register cap (``maxnreg``) for a launch of ``num_warps`` warps: what one block
+    can have (255 up to 8 warps, 128 at 16, 64 at 32).
+
+    Set on every launch because ptxas, left to itself, trades registers for occupancy and
+    spilled a few bytes a thread for it (8-48 in SN's mixing backward, SW's batch backward
+    and the float16 sums pass on sm_80) where the block had registers to spare. With the cap
+    a spill is real register pressure; the register budgets above are then checked, not
+    imposed (``mmsn.ops.aot`` fails on either), and the tiles and warps keep to them.
+    """
+    return min(MIXING_REGISTERS, BLOCK_REGISTERS // (32 * num_warps))
+
+
+def launch(kernel, grid: Tuple[int, ...], *args, num_warps: int = 4,
+           maxnreg: Optional[int] = None, **constexprs) -> None:
+    """Launches ``kernel[grid](*args, num_warps=..., maxnreg=..., **constexprs)`` (``maxnreg``
+    by default :func:`register_cap`): every kernel of mmsn goes through here, so that
+    :func:`observe_launches` sees exactly what the ops launch."""
+    options = dict(num_warps=num_warps, maxnreg=maxnreg or register_cap(num_warps))
+    if _observer is not None and not _observer(kernel, grid, args, dict(constexprs, **options)):
         return
-    kernel[grid](*args, num_warps=num_warps, **constexprs)
+    kernel[grid](*args, **options, **constexprs)
 
 
 @contextlib.contextmanager
@@ -72,6 +119,39 @@ def block_size(length: int, cap: int = 1024) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+#: CUDA's grid limits: up to 2**31 - 1 programs on axis 0 (x), 65535 on axes 1 and 2
+MAX_GRID_X = 2 ** 31 - 1
+MAX_GRID_YZ = 65535
+#: maps of at least this many positions take the streaming kernels' 64-bit positions: below
+#: it, a position past the map by a tile or by the fold's remainder stays under 2**31 in the
+#: 32-bit ones (cheaper per element)
+LARGE_MAP = 2 ** 30
+
+
+def folded_grid(programs: int, blocks: int) -> Tuple[Tuple[int, int], dict]:
+    """The grid of a streaming kernel's ``programs x blocks`` programs, numbered flat
+    (``_grid_position`` in ``mmsn/kernels/switch_norm.py``): on axis 0, and folded onto axis
+    1 past its limit; with the ``FOLDED`` constexpr that says which. Putting the blocks of L
+    on axis 1 as such would stop at 65535 of them (a 1024 x 2048 map, a 128^3 volume in
+    channels_last).
+
+    Raises:
+        ValueError: beyond 2**31 - 1 times 65535 programs (no tensor that fits in memory).
+    """
+    total = programs * blocks
+    rows = cdiv(total, MAX_GRID_X)
+    if rows > MAX_GRID_YZ:
+        raise ValueError(f'input: {total} programs exceed what a CUDA grid can number')
+    grid = (cdiv(total, rows), rows) if rows > 1 else (total, 1)
+    return grid, dict(FOLDED=rows > 1)
+
+
+def positions(length: int):
+    """The integer type of the streaming kernels' positions for a map of ``length``."""
+    import triton.language as tl
+    return tl.int64 if length >= LARGE_MAP else tl.int32
 
 
 def accumulator(dtype: torch.dtype):
@@ -117,7 +197,8 @@ class _SNPlan:
     A tile is BLOCK_C channels x BLOCK_L positions of one sample, about ``TILE`` elements,
     long along the contiguous axis: positions for NCHW, channels for channels_last (whose
     loads would otherwise stride by C). The reductions split L when the (sample,
-    channel-block) programs alone would leave the GPU idle.
+    channel-block) programs alone would leave the GPU idle. Each pass's programs, times its
+    blocks of L or splits, make one flat :func:`folded_grid`.
     """
     TILE = 2048
     MAX_CHANNELS = 64  # a channels_last tile still spans several positions
@@ -131,22 +212,26 @@ class _SNPlan:
         else:
             self.block_l = min(_pow2(length), self.TILE)
             self.block_c = min(_pow2(c), max(1, self.TILE // self.block_l))
-        programs = n * cdiv(c, self.block_c)
+        self.programs = n * cdiv(c, self.block_c)
         blocks = cdiv(length, self.block_l)
-        self.splits, self.chunk = split_reduction(programs, length, self.block_l, x3.device)
-        self.reduce_grid = (programs, self.splits)
-        self.pointwise_grid = (programs, blocks)
+        self.splits, self.chunk = split_reduction(self.programs, length, self.block_l,
+                                                  x3.device)
+        self.reduce_grid, self.reduce_fold = folded_grid(self.programs, self.splits)
+        self.pointwise_grid, self.pointwise_fold = folded_grid(self.programs, blocks)
+        self.positions = positions(length)
 
     def meta(self, dtype: torch.dtype, pointwise: bool = False) -> dict:
         # 8 elements of a tile per thread: at 16 (a 2048 tile on 4 warps) the reductions
-        # needed 148-168 registers (tests/test_kernel_resources.py). The pointwise passes
-        # over several channels of a small NCHW map take 4: at 8, sm_80's fp16 dx pass kept
-        # an 8-byte stack frame (and 150 registers at 16).
+        # needed 148-168 registers (tests/test_kernel_resources.py), and float64's moments
+        # pass needed 149-159 at 8 (so 4 for float64: under 100). The pointwise passes over
+        # several channels of a small NCHW map take 4: at 8, sm_80's fp16 dx pass kept an
+        # 8-byte stack frame (and 150 registers at 16).
         several_channels = self.block_c > 1 and not self.channels_last
-        per_thread = 128 if (pointwise and several_channels) else 256
+        per_thread = 128 if (pointwise and several_channels) or dtype == torch.float64 else 256
         warps = max(1, min(16, self.block_c * self.block_l // per_thread))
         return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype),
-                    num_warps=warps)
+                    POSITIONS=self.positions, num_warps=warps,
+                    **(self.pointwise_fold if pointwise else self.reduce_fold))
 
 
 def split_reduction(programs: int, length: int, block: int,
@@ -185,19 +270,47 @@ def _has_work(*sizes: int) -> bool:
 #: spills on sm_80 and sm_90 in every dtype and layout (``python -m mmsn.ops.aot``; with
 #: 128-position tiles at 4 warps, 32 and 64 per group spilled up to 18 kB per thread; the
 #: 16-per-group moments pass that writes the finished moments kept an 8-byte stack frame
-#: on sm_90 at 4 warps).
+#: on sm_90 at 4 warps). At 64 per group the whitening pass and the sums pass take 16
+#: warps: at 8 they needed 144 and 136-148 registers on sm_80 (the c x c matrix, and the
+#: dot's operand strips, spread over half the threads); the sums pass cannot take 32 (a
+#: block of 1024 threads leaves 64 registers each: it spilled on sm_90). At 32 per group
+#: the moments and sums passes take 16 too (at 4 and 8: 142-254 and 148 registers), and at
+#: 16 per group the sums pass 8 (130 at 4): under the cap of ``register_cap`` ptxas uses
+#: what a block allows, so the warps, not ptxas, keep these passes within their budget.
 _SW_PLANS = {
-    'moments': {16: (128, 8), 32: (32, 4), 64: (32, 16)},
-    'whiten': {16: (128, 4), 32: (64, 4), 64: (32, 8)},
-    'grad_sums': {16: (32, 4), 32: (32, 8), 64: (16, 8)},
+    'moments': {16: (128, 8), 32: (32, 16), 64: (32, 16)},
+    'whiten': {16: (128, 4), 32: (64, 4), 64: (32, 16)},
+    'grad_sums': {16: (32, 8), 32: (32, 16), 64: (16, 16)},
     'grad_input': {16: (128, 4), 32: (32, 4), 64: (16, 8)},
 }
-#: Warps of the per-group and per-instance mixing kernels by channels per group (Newton's
-#: products from scratch memory, see ``_product`` in ``switch_whiten_mixing.py``).
-_SW_MIX_WARPS = {16: 4, 32: 8, 64: 16}
-#: Warps of the forward mixing kernel: at 64 per group (Newton through scratch memory) 16
-#: left ptxas a 32-byte stack frame on sm_80, 32 none.
-_SW_MIX_FORWARD_WARPS = {16: 4, 32: 8, 64: 32}
+#: Warps of SW's small kernels (one program per group or per instance: the batch moments,
+#: the forward mixing step with Newton's iteration, the backward's three kernels) by
+#: channels per group; at 64 Newton's products come from scratch memory (``_product`` in
+#: ``switch_whiten_mixing.py``). The backward (Newton's backward) takes 8 at every size: at
+#: 4 (16 per group) it kept an 8-byte stack frame on sm_90, at 16 (64 per group, 128
+#: registers a thread) 16 bytes on sm_80; at 8 it uses 224-255 registers and no stack.
+_SW_MIX_WARPS = {
+    'batch': {16: 4, 32: 8, 64: 16},
+    'forward': {16: 4, 32: 8, 64: 32},
+    'backward': {16: 8, 32: 8, 64: 8},
+    'batch_backward': {16: 4, 32: 8, 64: 16},
+    'coefficients': {16: 4, 32: 8, 64: 16},
+}
+
+
+#: Float64 where its warps differ: Newton's backward at 32 per group kept an 8-byte stack
+#: frame on sm_90 at 8 and 16 warps (the most registers a block allows), none at 32.
+_SW_MIX_WARPS_FLOAT64 = {('backward', 32): 32}
+
+
+def _sw_mixing_options(kernel: str, per_group: int, dtype: torch.dtype) -> dict:
+    """``num_warps`` of one of SW's small kernels (registers: :func:`register_cap`)."""
+    warps = _SW_MIX_WARPS[kernel][per_group]
+    if dtype == torch.float64:
+        warps = _SW_MIX_WARPS_FLOAT64.get((kernel, per_group), warps)
+    return dict(num_warps=warps)
+
+
 #: Group sizes whose mixing kernel runs Newton's iteration forward in registers. At 64 the
 #: 64 x 64 iterates and products spill kilobytes at any warp count: there the forward goes
 #: through scratch memory as the backward always does (``_inverse_sqrt_scratch``).
@@ -211,9 +324,9 @@ def batch_moments_views(batch: Tensor, groups: int, c: int) -> Tuple[Tensor, Ten
 
 
 def _sw_args(per_group: int, dtype: torch.dtype, length: int, kind: str) -> dict:
-    positions, warps = _SW_PLANS[kind][per_group]
-    return dict(C_PER=per_group, BLOCK=block_size(length, positions), ACC=accumulator(dtype),
-                PRECISION='ieee', num_warps=warps)
+    tile, warps = _SW_PLANS[kind][per_group]
+    return dict(C_PER=per_group, BLOCK=block_size(length, tile), ACC=accumulator(dtype),
+                PRECISION='ieee', POSITIONS=positions(length), num_warps=warps)
 
 
 def _groups_view(t: Tensor, group_size: int) -> Tensor:
@@ -222,21 +335,15 @@ def _groups_view(t: Tensor, group_size: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------- SN
 
-#: Warps of the mixing backward where the rule below left ptxas an 8-byte stack frame on
-#: sm_80 (4 and 8 warps did; 16 does not), by (BLOCK_N, BLOCK_C).
-_MIX_BACKWARD_WARPS = {(8, 64): 16}
-
-
 def _mixing_plan(n: int, c: int, backward: bool = False) -> dict:
     """Tile and warps of the one-program mixing kernels: about 1024 numbers a tile, few
-    enough that the backward's dozen live tiles stay in registers. Warps: 2 numbers per
-    thread forward (at 4 and 8 the running-update variant kept a 8-16 byte stack frame on
-    sm_80), 8 backward; all checked ahead of time by tests/test_kernel_resources.py."""
+    enough that the backward's dozen live tiles stay in registers; 2 numbers per thread
+    forward, 8 backward (registers: :func:`register_cap`). Checked ahead of time by
+    tests/test_kernel_resources.py."""
     block_n = min(_pow2(max(n, 1)), 16)
     block_c = min(_pow2(c), max(16, 1024 // block_n))
     if backward:
-        warps = _MIX_BACKWARD_WARPS.get((block_n, block_c),
-                                        max(1, min(8, block_n * block_c // 128)))
+        warps = max(1, min(8, block_n * block_c // 128))
     else:
         warps = max(1, min(16, block_n * block_c // 64))
     return dict(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
@@ -281,7 +388,7 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
         splits, chunk = plan.splits, plan.chunk
         partial_means, partial_m2s = x.new_empty((2, splits, n, c), dtype=dtype).unbind()
         launch(_moments_kernel, plan.reduce_grid, x, pivot, partial_means, partial_m2s, c,
-               length, n * c, plan.chunk, *x.stride(), **plan.meta(dtype))
+               length, n * c, plan.programs, plan.chunk, *x.stride(), **plan.meta(dtype))
     update = use_batch_stats and running is not None and k == 3
     running = running if running is not None else (stats, stats, stats)
     updated = updated if updated is not None else running
@@ -306,8 +413,8 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
     y_out = torch.empty_like(x_in)
     y = as_ncl(y_out)
     if _has_work(n, c, length):
-        launch(_affine_kernel, plan.pointwise_grid, x, y, scale, shift, c, length, *x.stride(),
-               *y.stride(), **plan.meta(dtype, pointwise=True))
+        launch(_affine_kernel, plan.pointwise_grid, x, y, scale, shift, c, length,
+               plan.programs, *x.stride(), *y.stride(), **plan.meta(dtype, pointwise=True))
     return y_out, mean_in, var_in, stats, scale
 
 
@@ -339,7 +446,8 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
         splits = plan.splits
         sums_dy, sums_dyc = x.new_empty((2, splits, n, c), dtype=dtype).unbind()
         launch(_grad_sums_kernel, plan.reduce_grid, x, dy, mean_in, sums_dy, sums_dyc, c,
-               length, n * c, plan.chunk, *x.stride(), *dy.stride(), **plan.meta(dtype))
+               length, n * c, plan.programs, plan.chunk, *x.stride(), *dy.stride(),
+               **plan.meta(dtype))
     grad_stats = x.new_empty(2 * n + 2 * c, dtype=dtype)
     d_mean_weight, d_var_weight = torch.empty_like(mean_weight), torch.empty_like(var_weight)
     affine = weight is not None
@@ -364,7 +472,7 @@ def sn_backward(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stats: T
         if _has_work(n, c, length):
             dx3 = as_ncl(dx)
             launch(_grad_input_kernel, plan.pointwise_grid, x, dy, dx3, scale, a, b, mean_in,
-                   c, length, *x.stride(), *dy.stride(), *dx3.stride(),
+                   c, length, plan.programs, *x.stride(), *dy.stride(), *dx3.stride(),
                    **plan.meta(dtype, pointwise=True))
     return dx, d_mean_weight, d_var_weight, d_weight, d_bias
 
@@ -385,15 +493,16 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     args = _sw_args(c, dtype, length, 'moments')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     first = x.new_empty((n, groups, c), dtype=dtype)
+    grid, fold = folded_grid(n * groups, splits)
     if splits == 1:
         cov = x.new_empty((n, groups, c, c), dtype=dtype)
-        launch(_group_moments_kernel, (n * groups, 1), x4, first, first, cov, groups, length,
-               n * groups, chunk, *x4.stride(), FINAL=True, **args)
+        launch(_group_moments_kernel, grid, x4, first, first, cov, groups, length, n * groups,
+               chunk, *x4.stride(), FINAL=True, **fold, **args)
         return first, cov
     totals = x.new_empty((splits, n, groups, c), dtype=dtype)
     grams = x.new_empty((splits, n, groups, c, c), dtype=dtype)
-    launch(_group_moments_kernel, (n * groups, splits), x4, first, totals, grams, groups,
-           length, n * groups, chunk, *x4.stride(), FINAL=False, **args)
+    launch(_group_moments_kernel, grid, x4, first, totals, grams, groups, length, n * groups,
+           chunk, *x4.stride(), FINAL=False, **fold, **args)
     # sums of x - pivot (the first column): no cancellation for large means
     mean = totals.sum(0) / length
     cov = grams.sum(0) / length - mean[..., :, None] * mean[..., None, :]
@@ -411,8 +520,9 @@ def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
     if _has_work(n, groups, length):
         y4 = as_groups(y, group_size)
         args = _sw_args(c, matrix.dtype, length, 'whiten')
-        launch(_whiten_kernel, (n * groups, cdiv(length, args['BLOCK'])), x4, y4, matrix,
-               centre, shift, groups, length, *x4.stride(), *y4.stride(), **args)
+        grid, fold = folded_grid(n * groups, cdiv(length, args['BLOCK']))
+        launch(_whiten_kernel, grid, x4, y4, matrix, centre, shift, groups, length, n * groups,
+               *x4.stride(), *y4.stride(), **fold, **args)
     return y
 
 
@@ -430,8 +540,9 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
     sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
-    launch(_whiten_grad_sums_kernel, (n * groups, splits), x4, dy4, centre, outers, sums_dy,
-           groups, length, n * groups, chunk, *x4.stride(), *dy4.stride(), **args)
+    grid, fold = folded_grid(n * groups, splits)
+    launch(_whiten_grad_sums_kernel, grid, x4, dy4, centre, outers, sums_dy, groups, length,
+           n * groups, chunk, *x4.stride(), *dy4.stride(), **fold, **args)
     return outers, sums_dy
 
 
@@ -445,9 +556,10 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix: Tensor, moment: Tensor, mean: T
     if _has_work(n, groups, length):
         dx4 = as_groups(dx, group_size)
         args = _sw_args(c, matrix.dtype, length, 'grad_input')
-        launch(_whiten_grad_input_kernel, (n * groups, cdiv(length, args['BLOCK'])),
-               x4, dy4, dx4, matrix, moment, mean, vector, groups, length, *x4.stride(),
-               *dy4.stride(), *dx4.stride(), **args)
+        grid, fold = folded_grid(n * groups, cdiv(length, args['BLOCK']))
+        launch(_whiten_grad_input_kernel, grid, x4, dy4, dx4, matrix, moment, mean, vector,
+               groups, length, n * groups, *x4.stride(), *dy4.stride(), *dx4.stride(), **fold,
+               **args)
     return dx
 
 
@@ -486,12 +598,13 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     if running[2] is None:  # (the counter is read only for momentum=None, which needs one)
         running = running[:2] + (x.new_empty((), dtype=torch.long),)
     updated = updated if updated is not None else running
-    common = dict(C_PER=c, ACC=accumulator(dtype), num_warps=_SW_MIX_WARPS[c])
+    common = dict(C_PER=c, ACC=accumulator(dtype))
     if use_batch_stats:
         world = sync_world_size(process_group) if sync else 1
         args = [mean, cov, batch, batch, running[0], running[1], updated[0], updated[1],
                 running[2], n, groups, length, world, 0.0 if momentum is None else momentum]
-        options = dict(UPDATE=update, CUMULATIVE=momentum is None, **common)
+        options = dict(UPDATE=update, CUMULATIVE=momentum is None, **common,
+                       **_sw_mixing_options('batch', c, dtype))
         if world > 1:
             local = x.new_empty(1 + groups * c + groups * c * c, dtype=dtype)
             args[2] = local
@@ -514,7 +627,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
            x.new_empty((n, groups, 4 if scratch else 0, c, c), dtype=dtype), n, groups, eps,
            K=sw_type, LOGITS=logits, AFFINE=weight is not None, BIAS=bias is not None,
            BATCH=use_batch_stats, UPDATE=update, SCRATCH=scratch, ITERATIONS=iterations,
-           PRECISION='ieee', **dict(common, num_warps=_SW_MIX_FORWARD_WARPS[c]))
+           PRECISION='ieee', **common, **_sw_mixing_options('forward', c, dtype))
     y = sw_whiten(x, matrix, centre, shift, group_size)
     return y, mean, cov, batch, matrix, centre
 
@@ -540,8 +653,7 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
     dy = viewable(dy, lambda t: as_groups(t, group_size))
     n, groups, c, length = _groups_view(x, group_size).shape
     dtype = mean.dtype
-    common = dict(K=sw_type, LOGITS=logits, C_PER=c, ACC=accumulator(dtype),
-                  num_warps=_SW_MIX_WARPS[c])
+    common = dict(K=sw_type, LOGITS=logits, C_PER=c, ACC=accumulator(dtype))
     outers, sums_dy = sw_grad_sums(x, dy, centre, group_size)
     splits = outers.shape[0]
     d_cov = x.new_empty((n, groups, c, c), dtype=dtype)
@@ -554,7 +666,8 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
                batch if weight is None else weight,
                x.new_empty((n, groups, 3 * iterations + 3, c, c), dtype=dtype), outers,
                sums_dy, d_cov, d_centre, d_gamma, partial, n, groups, splits, eps,
-               AFFINE=affine, ITERATIONS=iterations, **common)
+               AFFINE=affine, ITERATIONS=iterations, **common,
+               **_sw_mixing_options('backward', c, dtype))
     grad_batch = x.new_empty(groups * c + groups * c * c, dtype=dtype)
     d_mean_logit, d_var_logit = torch.empty_like(mean_logit), torch.empty_like(var_logit)
     d_weight = torch.empty_like(weight) if affine else None
@@ -562,7 +675,8 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
     launch(_sw_batch_backward_kernel, (groups,), d_cov, d_centre, d_gamma, sums_dy, partial,
            mean_logit, var_logit, grad_batch, batch if d_weight is None else d_weight,
            batch if d_bias is None else d_bias, d_mean_logit, d_var_logit, n, groups, splits,
-           AFFINE=affine, BIAS=bias is not None, BATCH=use_batch_stats, **common)
+           AFFINE=affine, BIAS=bias is not None, BATCH=use_batch_stats, **common,
+           **_sw_mixing_options('batch_backward', c, dtype))
     if sync and use_batch_stats and sync_world_size(process_group) > 1:
         torch.distributed.all_reduce(grad_batch, group=process_group)
     dx = None
@@ -572,6 +686,7 @@ def sw_backward(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
         if n * groups:
             launch(_sw_input_coefficients_kernel, (n * groups,), mean, batch, d_cov, d_centre,
                    partial, grad_batch, mean_logit, var_logit, moment, vector, n, groups,
-                   length, BATCH=use_batch_stats, **common)
+                   length, BATCH=use_batch_stats, **common,
+                   **_sw_mixing_options('coefficients', c, dtype))
         dx = sw_grad_input(x, dy, matrix, moment, mean, vector, group_size)
     return dx, d_mean_logit, d_var_logit, d_weight, d_bias

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .distributed import sync_world_size
-from .library import (KERNEL_GROUP_SIZES, as_groups, batch_moments_views, sw_backward,
-                      sw_forward, viewable)
+from .library import (as_groups, batch_moments_views, sw_backward, sw_forward,
+                      sw_kernels_refuse, viewable)
 from .reference import ratios_of, switch_whiten_reference
 
 
@@ -208,14 +208,11 @@ def switch_whiten_triton(x: Tensor, mean_logit: Tensor, var_logit: Tensor,
     """Switchable Whitening on the Triton kernels; arguments as for
     :func:`~mmsn.ops.reference.switch_whiten_reference`, except that ``mean_logit`` and
     ``var_logit`` are logits when ``logits`` (else ratios); ``compiling`` selects the custom
-    ops that torch.compile traces. ``num_pergroup`` must be one of ``KERNEL_GROUP_SIZES``
-    and ``method`` 'newton'."""
-    if num_pergroup not in KERNEL_GROUP_SIZES:
-        raise ValueError(f'num_pergroup: expected one of {KERNEL_GROUP_SIZES} for the Triton '
-                         f'kernels, got {num_pergroup}')
-    if method != 'newton':
-        raise ValueError(f"method: the Triton kernels implement 'newton', got {method!r} "
-                         "(use the reference: MMSN_BACKEND=torch)")
+    ops that torch.compile traces. Raises ``ValueError`` for a call the kernels do not take
+    (:func:`~mmsn.ops.library.sw_kernels_refuse`)."""
+    refusal = sw_kernels_refuse(num_pergroup, method, x.dtype)
+    if refusal:
+        raise ValueError(f'{refusal} (use the reference: MMSN_BACKEND=torch)')
     if (momentum is None and num_batches_tracked is None and running_mean is not None
             and use_batch_stats):
         raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
