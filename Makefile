@@ -25,7 +25,7 @@ quick: env
 demo: env
 	@$(PYTHON) tools/demo.py --work-dir work_dirs/demo
 
-# The norm study on the demo data (README, "A norm study"): not part of `make test`.
+# The norm study on the demo data (docs/norm_switch.md): not part of `make test`.
 study: env
 	@$(PYTHON) -c "from mmsn.demo.shapes import make_shapes_dataset as m; m('data/shapes')"
 	@$(PYTHON) tools/analysis_tools/norm_study.py configs/demo/fcn_r18_shapes.py \

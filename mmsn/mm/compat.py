@@ -1,4 +1,4 @@
-"""The changes importing mmsn makes to other libraries (listed in the README, "What importing
+"""The changes importing mmsn makes to other libraries (listed in docs/layers.md, "What importing
 mmsn changes"), each where registration alone cannot do it.
 
 Each is narrow: it changes how one check sees SN/SW layers (or how one loader reads files)
