@@ -1,4 +1,4 @@
-"""Host time of one norm layer's forward + backward where launches dominate (issue #11):
+"""Host time of one norm layer's forward + backward where launches dominate:
 BN, GN, SN and SW at a tiny shape, as ratios to BN, with each layer's device work (Triton
 launches + aten ops that launch, counted by ``mmsn.ops.counting.DeviceWork``).
 

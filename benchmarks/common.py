@@ -42,8 +42,10 @@ def environment_variable(name: str, value):
 
 
 def mmsn_backend(backend: str):
-    """``MMSN_BACKEND=backend`` inside (unset for ``''``), restored after."""
-    return environment_variable('MMSN_BACKEND', backend)
+    """mmsn's backend forced to ``backend`` inside (``''``: chosen per call), restored
+    after (``mmsn.ops.use_backend``)."""
+    from mmsn.ops import use_backend
+    return use_backend(backend or None)
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:

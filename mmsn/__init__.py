@@ -8,15 +8,14 @@ import importlib.util
 from .layers import (SparseSwitchNorm2d, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d,
                      SwitchWhiten2d, SyncSparseSwitchNorm2d, SyncSwitchNorm, SyncSwitchWhiten2d,
                      convert_sync_sn, revert_sync_sn)
-
-__version__ = '0.1.0'
+from .version import __version__
 
 if importlib.util.find_spec('mmengine') is not None:
     from .mm import setup_openmmlab
     setup_openmmlab()
 
 __all__ = [
-    'SparseSwitchNorm2d', 'SyncSparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d', 'SwitchNorm3d', 'SyncSwitchNorm',
-    'SwitchWhiten2d',
-    'SyncSwitchWhiten2d', 'convert_sync_sn', 'revert_sync_sn', '__version__'
+    'SparseSwitchNorm2d', 'SyncSparseSwitchNorm2d', 'SwitchNorm1d', 'SwitchNorm2d',
+    'SwitchNorm3d', 'SyncSwitchNorm', 'SwitchWhiten2d', 'SyncSwitchWhiten2d', 'convert_sync_sn',
+    'revert_sync_sn', '__version__'
 ]

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .analysis import ratios_from_state_dict, ssn_ratios
-from .converters.resnet import ZERO_RATIO_LOGIT
-from .layers import SwitchableLayer
+from .layers import ZERO_RATIO_LOGIT, SwitchableLayer
 from .layers.switch_norm import _SwitchNorm
 from .layers.switch_whiten import SwitchWhiten2d
 from .ops.reference import switch_whiten_coefficients

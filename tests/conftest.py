@@ -9,6 +9,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """A test that forces a backend (``mmsn.ops.set_backend``) leaves the next one as it
+    found it."""
+    from mmsn.ops import set_backend
+    previous = set_backend(None)
+    set_backend(previous)
+    yield
+    set_backend(previous)
+
+
 @pytest.fixture
 def short_demo_run(tmp_path):
     """``make(max_iters, interval, **options)``: the demo FCN config on a few generated

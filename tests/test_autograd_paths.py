@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmsn import SwitchNorm2d, SwitchWhiten2d
+from mmsn.ops import set_backend
 
 pytest.importorskip('triton')
 
@@ -29,7 +30,7 @@ def inputs():
 
 @pytest.mark.parametrize('kind', ['sn', 'sw'])
 def test_retain_graph_and_repeated_backward(kind, monkeypatch):
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     layer, x = make(kind), inputs().requires_grad_()
     y = layer(x)
     grad = torch.randn_like(y)
@@ -43,7 +44,7 @@ def test_retain_graph_and_repeated_backward(kind, monkeypatch):
 def test_double_backward_matches_reference(kind, train, monkeypatch):
     results = {}
     for backend in ('torch', 'triton'):
-        monkeypatch.setenv('MMSN_BACKEND', backend)
+        set_backend(backend)
         layer, x = make(kind).train(train), inputs().requires_grad_()
         y = layer(x)
         dx, = torch.autograd.grad((y * y.detach().cos()).sum(), x, create_graph=True)
@@ -60,7 +61,7 @@ def test_double_backward_matches_reference(kind, train, monkeypatch):
 def test_activation_checkpointing(kind, reentrant, monkeypatch):
     results = {}
     for backend in ('torch', 'triton'):
-        monkeypatch.setenv('MMSN_BACKEND', backend)
+        set_backend(backend)
         layer, x = make(kind), inputs().requires_grad_()
         y = checkpoint(layer, x, use_reentrant=reentrant)
         y.square().sum().backward()
@@ -79,7 +80,7 @@ def test_gradgradcheck_on_the_kernel_path(kind, monkeypatch):
     bias fixed: they enter linearly). ``fast_mode`` compares one random projection of the
     second derivatives (any wrong entry shows, barring a chance zero projection) in a few
     interpreted runs instead of one per input element (40 s for SW)."""
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     torch.manual_seed(0)
     if kind == 'sn':
         layer = SwitchNorm2d(3).double()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmsn import SwitchNorm2d, SwitchWhiten2d
+from mmsn.ops import set_backend
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_compiled_model_on_the_gpu(backend, monkeypatch):
 def check_compiled_model(backend, device, compiler, monkeypatch):
     if backend == 'triton':
         pytest.importorskip('triton')
-    monkeypatch.setenv('MMSN_BACKEND', backend)
+    set_backend(backend)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), SwitchNorm2d(16),
                                 torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1),

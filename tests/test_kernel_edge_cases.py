@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 from mmsn import (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm,
                   SyncSwitchWhiten2d)
+from mmsn.ops import set_backend
 
 pytest.importorskip('triton')
 
@@ -132,7 +133,7 @@ def test_empty_inputs_give_empty_outputs_zero_gradients_and_keep_buffers(backend
     """An empty map (``(2, C, 0, W)``) or an empty batch: empty output, zero (finite)
     gradients for every parameter, and running statistics (and the batch counter) untouched,
     in training and in eval, on the reference and on the kernels."""
-    monkeypatch.setenv('MMSN_BACKEND', backend)
+    set_backend(backend)
     for name, layer in _empty_layers(backend):
         for training in (True, False):
             layer.train(training)
@@ -152,7 +153,7 @@ def test_empty_inputs_give_empty_outputs_zero_gradients_and_keep_buffers(backend
 
 def _empty_rank(rank, world_size, port, out_dir, backend, scenario):
     """One rank: train steps of SyncSN and SyncSW on its part, results saved."""
-    os.environ['MMSN_BACKEND'] = backend
+    set_backend(backend)
     os.environ.setdefault('TRITON_INTERPRET', '1')
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
@@ -260,7 +261,7 @@ def test_large_maps_plan_grids_within_cuda_limits(case, monkeypatch):
     """CUDA takes at most 2**31 - 1 programs on grid axis 0 and 65535 on axes 1 and 2. Maps
     of whole-image segmentation (a 1024 x 2048 map), 3D volumes (128^3) and SW at 64
     channels per group on 1024 x 1056 used to plan 65536-67584 programs on axis 1."""
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     layer, shape, layout = {
         'sn-cityscapes-nchw': (SwitchNorm2d(256), (1, 256, 1024, 2048), 'nchw'),
         'sn-cityscapes-channels_last': (SwitchNorm2d(256), (1, 256, 1024, 2048),
@@ -345,7 +346,7 @@ def test_gpus_the_kernels_cannot_serve_warn_once(missing, message, monkeypatch):
     GPU) takes the reference with one warning per device naming what is missing."""
     import mmsn.ops as ops
     from mmsn.ops import backend_for
-    monkeypatch.delenv('MMSN_BACKEND', raising=False)
+    set_backend(None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability',
                         lambda device=None: (7, 0) if missing == 'capability' else (9, 0))
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Faked GPU')

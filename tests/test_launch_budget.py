@@ -1,4 +1,4 @@
-"""What one layer dispatches on the kernel path (issue #11's CPU-countable budget), counted
+"""What one layer dispatches on the kernel path (its CPU-countable budget), counted
 by :class:`mmsn.ops.counting.DeviceWork` (Triton launches planned, not run; views, metadata
 and allocations not counted); parameter ``.grad`` starts as None."""
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmsn import SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm, SyncSwitchWhiten2d
-from mmsn.ops import KERNELS_AVAILABLE
+from mmsn.ops import KERNELS_AVAILABLE, set_backend
 from mmsn.ops.counting import DeviceWork
 from processes import spawn_ranks
 
@@ -35,7 +35,7 @@ def step(layer, training=True, channels=SHAPE[1]):
 
 @pytest.fixture(autouse=True)
 def kernel_backend(monkeypatch):
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     monkeypatch.setenv('TRITON_INTERPRET', os.environ.get('TRITON_INTERPRET', '1'))
 
 
@@ -74,7 +74,7 @@ def test_sw_eval_forward(group):
 
 def count_sync_step(rank, world_size, init_file, out_dir, layer_class):
     import torch.distributed as dist
-    os.environ['MMSN_BACKEND'] = 'triton'
+    set_backend('triton')
     os.environ.setdefault('TRITON_INTERPRET', '1')
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
                             world_size=world_size)

@@ -1,5 +1,5 @@
 """The recorded norm-layer calls (``tests/data/norm_calls.json``, ``mmsn/norm_calls.py``):
-the file is current, covers what issue 23 lists, and every record replays as recorded.
+the file is current, covers the shipped configs and every edge value, and every record replays as recorded.
 
 The file is written by ``python tools/analysis_tools/record_norm_calls.py`` (minutes: it
 builds and steps every recorded model); its fingerprint check here only loads configs.

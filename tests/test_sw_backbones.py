@@ -6,7 +6,7 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 
 from mmsn import SwitchWhiten2d  # noqa: E402
-from mmsn.mm.backbones import resolve_placement  # noqa: E402
+from mmsn.layers.placement import resolve_placement  # noqa: E402
 
 # The SW release's ResNet-50 names its 7 SW layers so (REFERENCE.md, section 2).
 RELEASE_SW7 = ['sw1', 'layer1.1.sw2', 'layer2.1.sw2', 'layer2.3.sw2', 'layer3.1.sw2',

@@ -12,6 +12,7 @@ from torch import nn
 
 from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSparseSwitchNorm2d,
                   SyncSwitchNorm, SyncSwitchWhiten2d, convert_sync_sn, revert_sync_sn)
+from mmsn.ops import set_backend
 from processes import spawn_ranks
 
 CHANNELS = 16
@@ -63,7 +64,7 @@ def make_data(total, channels=CHANNELS):
 def run_rank(rank, world_size, port, sizes, out_dir, backend='torch', wide=False):
     # 'triton' runs the kernels (interpreted on CPU); 'composed' the registered ops the way
     # torch.compile traces them
-    os.environ['MMSN_BACKEND'] = 'triton' if backend == 'composed' else backend
+    set_backend('triton' if backend == 'composed' else backend)
     os.environ.setdefault('TRITON_INTERPRET', '1')
     if backend == 'composed':
         import mmsn.ops
@@ -207,7 +208,7 @@ def test_convert_keeps_parameter_objects_dtype_and_the_optimizer(dtype):
 
 
 def double_backward_rank(rank, world_size, port, out_dir, backend):
-    os.environ['MMSN_BACKEND'] = backend
+    set_backend(backend)
     os.environ.setdefault('TRITON_INTERPRET', '1')
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))

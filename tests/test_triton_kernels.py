@@ -22,13 +22,14 @@ PyTorch's. Relative to the output's scale (its largest magnitude, at least 1):
   last place of float16 (2**-10 relative; two allowed) and two of bfloat16 (2**-7 each).
 """
 import copy
+import os
 
 import pytest
 import torch
 
 from mmsn import (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm,
                   SyncSwitchWhiten2d)
-from mmsn.ops import backend_for
+from mmsn.ops import backend_for, set_backend
 
 pytest.importorskip('triton')
 
@@ -51,7 +52,7 @@ def random_layer(cls, channels, using_bn=True, dtype=torch.float32):
 
 
 def run(layer, x, grad, backend, monkeypatch, train=True):
-    monkeypatch.setenv('MMSN_BACKEND', backend)
+    set_backend(backend)
     layer.train(train)
     x = x.clone().requires_grad_()
     y = layer(x)
@@ -59,7 +60,7 @@ def run(layer, x, grad, backend, monkeypatch, train=True):
     result = dict(y=y.detach(), x_grad=x.grad,
                   buffers={k: v.clone() for k, v in layer.named_buffers()},
                   grads={k: p.grad.clone() for k, p in layer.named_parameters()})
-    monkeypatch.delenv('MMSN_BACKEND')
+    set_backend(None)
     return result
 
 
@@ -156,7 +157,7 @@ def test_other_ranks_and_sync_fallback(cls, shape, monkeypatch):
 
 def test_empty_batch_and_constant_input(monkeypatch):
     layer = random_layer(SwitchNorm2d, 3)
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     empty = torch.zeros(0, 3, 4, 4, requires_grad=True)
     y = layer(empty)
     y.sum().backward()
@@ -243,9 +244,10 @@ def test_sw_kernels_refuse_float64_at_64_per_group(monkeypatch):
     assert sw_kernels_refuse(32, 'newton', torch.float64) is None
     assert sw_kernels_refuse(64, 'newton', torch.float32) is None
     layer = random_whitening(128, torch.float64, num_pergroup=64)
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
-    with pytest.raises(ValueError, match='MMSN_BACKEND=triton forces the kernels: input: the '
-                       'kernels take float64 at 16 or 32 channels per group, got float64 at 64'):
+    set_backend('triton')
+    with pytest.raises(ValueError, match=r"backend 'triton' \(MMSN_BACKEND or set_backend\) "
+                       'forces the kernels: input: the kernels take float64 at 16 or 32 '
+                       'channels per group, got float64 at 64'):
         layer(torch.randn(2, 128, 3, 3, dtype=torch.float64))
 
 
@@ -260,7 +262,7 @@ def test_sw_weight_and_bias_are_independent(which, monkeypatch):
     logits = torch.randn(2, generator=g)
     results = {}
     for backend in ('torch', 'triton'):
-        monkeypatch.setenv('MMSN_BACKEND', backend)
+        set_backend(backend)
         xi, p = x.clone().requires_grad_(), param.clone().requires_grad_()
         y = switch_whiten(xi, logits, logits, weight=p if which == 'weight' else None,
                           bias=p if which == 'bias' else None, running_mean=None,
@@ -273,15 +275,39 @@ def test_sw_weight_and_bias_are_independent(which, monkeypatch):
         assert_match(got, want, torch.float32, which)
 
 
-def test_backend_dispatch(monkeypatch):
+def test_backend_dispatch():
+    from mmsn.ops import use_backend
     x = torch.zeros(1)
-    monkeypatch.delenv('MMSN_BACKEND', raising=False)
+    set_backend(None)
     assert backend_for(x) == 'torch'  # CPU tensors: the reference
-    monkeypatch.setenv('MMSN_BACKEND', 'triton')
+    set_backend('triton')
     assert backend_for(x) == 'triton'
-    monkeypatch.setenv('MMSN_BACKEND', 'cuda')
-    with pytest.raises(ValueError, match="MMSN_BACKEND: expected one of"):
-        backend_for(x)
+    with use_backend('torch'):
+        assert backend_for(x) == 'torch'
+    assert backend_for(x) == 'triton'
+    with pytest.raises(ValueError, match="backend: expected one of .* or unset, got 'cuda'"):
+        set_backend('cuda')
+    assert backend_for(x) == 'triton'  # a refused name changes nothing
+
+
+def test_mmsn_backend_is_read_once_at_import():
+    """``MMSN_BACKEND`` decides at import (a bad value fails the import, naming it);
+    changing the variable later changes nothing."""
+    import subprocess
+    import sys
+    script = ('import os, torch, mmsn.ops as ops\n'
+              "os.environ['MMSN_BACKEND'] = 'torch'\n"
+              'print(ops.backend_for(torch.zeros(1)))')
+    for value, expected in (('triton', 'triton'), ('', 'torch')):
+        env = dict(os.environ, MMSN_BACKEND=value, TRITON_INTERPRET='1')
+        run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.split()[-1] == expected, run.stderr[-2000:]
+    env = dict(os.environ, MMSN_BACKEND='cuda')
+    run = subprocess.run([sys.executable, '-c', 'import mmsn'], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0
+    assert "MMSN_BACKEND: expected one of ('torch', 'triton') or unset, got 'cuda'" in run.stderr
 
 
 @pytest.mark.parametrize('capability,expected', [((7, 5), 'torch'), ((8, 0), 'triton'),
@@ -294,7 +320,7 @@ def test_gpus_below_the_tested_capability_warn_once_and_use_the_reference(
     import warnings
 
     import mmsn.ops as ops
-    monkeypatch.delenv('MMSN_BACKEND', raising=False)
+    set_backend(None)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Faked GPU')
     ops.gpu_supported.cache_clear()
@@ -322,7 +348,7 @@ def test_autocast_policy(monkeypatch):
     x = torch.randn(2, 3, 6, 6)
     outputs = {}
     for backend in ('torch', 'triton'):
-        monkeypatch.setenv('MMSN_BACKEND', backend)
+        set_backend(backend)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             outputs[backend] = copy.deepcopy(model)(x)
         assert outputs[backend].dtype == torch.bfloat16

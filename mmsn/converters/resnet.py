@@ -10,12 +10,15 @@ import os
 import os.path as osp
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..analysis import ssn_ratios
+from ..layers import ZERO_RATIO_LOGIT
+from ..layers.placement import SW_PLACEMENTS, resolve_placement
+from ..version import __version__
 
 #: (blocks per stage, bottleneck) -> depth, for the ResNet v1 depths mmdet and mmseg build.
 _DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
@@ -23,8 +26,6 @@ _DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), 
 _NORM_ABBRS = ('bn', 'sn', 'sw', 'gn', 'ssn')
 _STEM_OR_BLOCK_NORM = re.compile(r'^(?:(?P<block>layer\d+\.\d+)\.)?(?P<abbr>[a-z]+)(?P<k>\d)$')
 _SHORTCUT_NORM = re.compile(r'^(?P<block>layer\d+\.\d+)\.downsample\.1$')
-#: logits of a ratio that is exactly zero: exp underflows to 0 in every float dtype.
-ZERO_RATIO_LOGIT = -1e4
 
 
 class ConversionError(ValueError):
@@ -248,7 +249,6 @@ def _destination_config(depth: int, src_kinds: Dict[str, str],
                       sw_cfg=dict(type='SW', sw_type=sw_type, num_pergroup=num_pergroup,
                                   tie_weight=tie_weight),
                       sw_layers=sw_layers)
-        from ..mm.backbones import SW_PLACEMENTS, resolve_placement
         for name in SW_PLACEMENTS:  # name the placement when it is a known one
             if not isinstance(sw_layers, str) and list(sw_layers) == resolve_placement(name,
                                                                                       depth):
@@ -263,7 +263,8 @@ def _destination_config(depth: int, src_kinds: Dict[str, str],
 
 def build_destination(config: dict):
     """Builds the destination backbone with mmdet's (or else mmseg's) ResNet."""
-    import mmsn  # noqa: F401  (registers SN/SW and SWResNet)
+    # (importing mmsn, which imports this module, registered SN/SW; SWResNet is registered
+    # when a config of its type is built: mmsn/mm/compat.py)
     for package in ('mmdet', 'mmseg'):
         try:
             registry = __import__(f'{package}.registry', fromlist=['MODELS']).MODELS
@@ -365,7 +366,6 @@ def convert_checkpoint(src: str, dst: str, sw_layers=None, sw_type: int = 2,
     for key, shape, target, note in report:
         where = f'-> {target}' + (f' ({note})' if note else '') if target else f'dropped: {note}'
         log(f'{key:<{width}} {str(list(shape)):<16} {where}')
-    from .. import __version__
     meta = dict(converted_by=f'mmsn {__version__} sn2mm', source=osp.basename(src),
                 source_layers=sorted(set(src_kinds.values())), depth=config['depth'],
                 backbone=config, dropped=dropped)
@@ -379,4 +379,4 @@ def convert_checkpoint(src: str, dst: str, sw_layers=None, sw_type: int = 2,
 
 
 __all__ = ['ConversionError', 'convert_checkpoint', 'convert_resnet', 'load_source',
-           'extract_state_dict', 'ZERO_RATIO_LOGIT']
+           'extract_state_dict']

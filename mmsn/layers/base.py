@@ -4,6 +4,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+#: the ratio logit of a statistic a layer must not use (hard ratios, converted sparse ratios):
+#: its softmax weight underflows to exactly 0 in every float dtype, and so does its gradient.
+ZERO_RATIO_LOGIT = -1e4
+
 
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

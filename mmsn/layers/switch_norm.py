@@ -118,9 +118,11 @@ class SyncSwitchNorm(_SwitchNorm):
 
     The batch moments are merged over ``group`` weighted by each rank's element count, so
     unequal or empty per-rank batches give exactly the statistics of the concatenated batch;
-    IN and LN stay per sample. Forward costs one all-gather of ``2C + 1`` floats, backward
-    one all-reduce of the same size. Without an initialised process group, or with one
-    process, it computes exactly what SN computes.
+    IN and LN stay per sample. Forward costs one all-gather of ``2C + 1`` floats a process
+    (count, means, M2), backward one all-reduce: of the BN moments' gradients (``2C``
+    floats) on the kernels, of the gathered parts' (``world x (2C + 1)``) on the reference.
+    Without an initialised process group, or with one process, it computes exactly what SN
+    computes.
 
     Args:
         group (ProcessGroup, optional): the group to synchronize over. Defaults to the world.

@@ -27,7 +27,8 @@ The runner's ``sync_bn`` conversion and mmcv's ``fuse_conv_bn`` only touch ``_Ba
 SN/SW layers are deliberately not ``_BatchNorm`` subclasses, so both leave them intact. Use
 :func:`mmsn.convert_sync_sn` to synchronize SN/SW.
 """
-from .backbones import SW_PLACEMENTS, register_backbones, replace_norm_layers
+from ..layers.placement import SW_PLACEMENTS
+from .backbones import register_backbones, replace_norm_layers
 from .checkpoint_hook import AtomicCheckpointHook, register_checkpoint_hook
 from .hooks import BatchAverageHook, SwitchableRatioHook, register_hooks
 from .compat import (install_build_hook, install_checkpoint_loader, patch_norm_decay,

@@ -1,9 +1,10 @@
 """Functional ops: backend dispatch for the layers.
 
 ``switch_norm`` runs on the Triton kernels for CUDA tensors (when triton is installed) and on
-the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` forces the reference,
-``MMSN_BACKEND=triton`` the kernels (with ``TRITON_INTERPRET=1`` they then run on CPU
-tensors, which is how the tests check them without a GPU). ``switch_whiten`` dispatches
+the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` (read once, at import) or
+``set_backend('torch')`` / ``use_backend('torch')`` forces the reference, ``'triton'`` the
+kernels (with ``TRITON_INTERPRET=1`` they then run on CPU tensors, which is how the tests
+check them without a GPU). ``switch_whiten`` dispatches
 the same way for groups of 16, 32 or 64 channels.
 
 Under ``torch.compile`` the default is the reference, which inductor turns into its own fused
@@ -16,11 +17,12 @@ A forced backend that cannot be honoured raises; a CUDA tensor that the kernels 
 ``MIN_COMPUTE_CAPABILITY``) takes the reference, with one warning per device naming what is
 missing.
 """
+import contextlib
 import functools
 import importlib.util
 import os
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -51,14 +53,43 @@ def _compiling() -> bool:
     return bool(getattr(compiler, 'is_compiling', lambda: False)())
 
 
+def _backend_name(name: Optional[str], argument: str) -> str:
+    """``name`` checked: 'torch', 'triton' or '' (None: '') for the per-call choice."""
+    value = (name or '').strip().lower()
+    if value and value not in BACKENDS:
+        raise ValueError(f'{argument}: expected one of {BACKENDS} or unset, got {name!r}')
+    return value
+
+
+#: the forced backend ('' = chosen per call from the tensor): ``MMSN_BACKEND``, read once at
+#: import, then :func:`set_backend` / :func:`use_backend`
+_forced = _backend_name(os.environ.get('MMSN_BACKEND'), 'MMSN_BACKEND')
+
+
+def set_backend(name: Optional[str]) -> str:
+    """Forces every SN/SW call onto one backend ('torch': the reference, 'triton': the
+    kernels), or with None lets each call choose from its tensor's device (CUDA: the kernels
+    where they can serve it). Starts as ``MMSN_BACKEND``. Returns the previous setting."""
+    global _forced
+    previous, _forced = _forced, _backend_name(name, 'backend')
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """:func:`set_backend` inside the block, the previous setting restored after."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
 def _forced_backend() -> str:
-    forced = os.environ.get('MMSN_BACKEND', '').strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f'MMSN_BACKEND: expected one of {BACKENDS}, got {forced!r}')
-    if forced == 'triton' and not KERNELS_AVAILABLE:
-        raise ValueError('MMSN_BACKEND: triton was asked for, but the kernels need triton '
-                         f'and torch >= 2.4 (torch {torch.__version__})')
-    return forced
+    if _forced == 'triton' and not KERNELS_AVAILABLE:
+        raise ValueError('backend: triton was asked for (MMSN_BACKEND or set_backend), but the '
+                         f'kernels need triton and torch >= 2.4 (torch {torch.__version__})')
+    return _forced
 
 
 def _missing_for_kernels(device: torch.device) -> List[str]:
@@ -128,7 +159,8 @@ def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bo
     if backend == 'triton':
         refusal = sw_kernels_refuse(num_pergroup, method, x.dtype)
         if refusal and _forced_backend():
-            raise ValueError(f'MMSN_BACKEND=triton forces the kernels: {refusal}')
+            raise ValueError(f"backend 'triton' (MMSN_BACKEND or set_backend) forces the kernels: "
+                             f'{refusal}')
         if refusal:
             backend = 'torch'
     if backend == 'triton':
@@ -143,5 +175,6 @@ def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bo
 __all__ = [
     'switch_norm', 'switch_whiten', 'switch_norm_reference', 'switch_whiten_reference',
     'inverse_sqrt_newton', 'inverse_sqrt_eigh', 'SW_STATISTICS', 'merge_moments',
-    'merge_covariance_moments', 'all_gather_parts', 'sync_world_size', 'backend_for', 'BACKENDS'
+    'merge_covariance_moments', 'all_gather_parts', 'sync_world_size', 'backend_for', 'BACKENDS',
+    'set_backend', 'use_backend'
 ]

@@ -164,17 +164,10 @@ def launch_key(kernel, signature, constexprs, attrs, compile_options) -> tuple:
             tuple(sorted(compile_options.items())))
 
 
-class _forced_kernels:
-    """``MMSN_BACKEND=triton`` inside (restored after)."""
-
-    def __enter__(self):
-        self.saved = os.environ.get('MMSN_BACKEND')
-        os.environ['MMSN_BACKEND'] = 'triton'
-
-    def __exit__(self, *exc):
-        os.environ.pop('MMSN_BACKEND')
-        if self.saved is not None:
-            os.environ['MMSN_BACKEND'] = self.saved
+def _forced_kernels():
+    """The kernels forced inside (the previous backend restored after)."""
+    from . import use_backend
+    return use_backend('triton')
 
 
 # ----------------------------------------------------------------- planning recorded calls

@@ -1,4 +1,4 @@
-"""Counting what a piece of code asks the device to do (issue #11's launch budget): mmsn's
+"""Counting what a piece of code asks the device to do (the launch budget): mmsn's
 Triton launches, seen at their one launch site, plus the aten ops that do device work outside
 them. Views, metadata reads and allocations are not device work (allocations are counted
 apart); ops that make the host wait for the device are counted apart too. Launches can be

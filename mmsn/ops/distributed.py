@@ -3,11 +3,11 @@
 Each rank contributes a packed vector of partial moments (count, mean, M2); every rank merges
 the gathered parts in the same order, so all ranks get bit-identical statistics, a rank with
 an empty batch still joins (its count is zero), and unequal batches are weighted exactly.
-Forward is one ``all_gather_into_tensor``, backward one ``all_reduce``: the gradient of the total loss with
-respect to a rank's part is the sum over ranks of their local gradients for that part.
+Forward is one ``all_gather_into_tensor``, backward one ``all_reduce``: the gradient of the
+total loss with respect to a rank's part is the sum over ranks of their local gradients for
+that part.
 """
-import contextlib
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,34 +21,12 @@ def sync_world_size(group: Optional[object] = None) -> int:
     return dist.get_world_size(group)
 
 
-#: gathered results being recorded (forward) or replayed (a recomputation), in call order
-_gathered: Optional[List[Tensor]] = None
-_replaying = False
-
-
-@contextlib.contextmanager
-def gathered_parts(log: List[Tensor], replay: bool = False):
-    """Records the results of :func:`all_gather_parts` inside into ``log`` or, with
-    ``replay``, returns them again in the same order without a collective: a backward that
-    recomputes a synchronized step then costs no second all-gather (its gradient still
-    takes the all-reduce)."""
-    global _gathered, _replaying
-    saved = _gathered, _replaying
-    _gathered, _replaying = (list(log) if replay else log), replay
-    try:
-        yield log
-    finally:
-        _gathered, _replaying = saved
-
-
 class _AllGatherParts(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, part: Tensor, group, replayed: Optional[Tensor]) -> Tensor:
+    def forward(ctx, part: Tensor, group) -> Tensor:
         ctx.group = group
         ctx.rank = dist.get_rank(group)
-        if replayed is not None:
-            return replayed.clone()
         gathered = part.new_empty((dist.get_world_size(group),) + part.shape)
         dist.all_gather_into_tensor(gathered.view(-1), part.contiguous(), group=group)
         return gathered
@@ -65,7 +43,7 @@ class _AllGatherParts(torch.autograd.Function):
                 'for gradient penalties')
         grad_parts = grad_parts.contiguous()
         dist.all_reduce(grad_parts, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad_parts[ctx.rank], None, None
+        return grad_parts[ctx.rank], None
 
 
 def all_gather_parts(part: Tensor, group: Optional[object] = None) -> Tensor:
@@ -80,8 +58,4 @@ def all_gather_parts(part: Tensor, group: Optional[object] = None) -> Tensor:
         # A rank whose part carries no gradient (an empty batch, a frozen input) must still
         # join the backward all-reduce that the other ranks run, or they would wait forever.
         part = part.detach().requires_grad_()
-    replayed = _gathered.pop(0) if _replaying else None
-    gathered = _AllGatherParts.apply(part, group, replayed)
-    if _gathered is not None and not _replaying:
-        _gathered.append(gathered.detach())
-    return gathered
+    return _AllGatherParts.apply(part, group)

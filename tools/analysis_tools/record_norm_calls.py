@@ -43,6 +43,7 @@ import torch
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from mmsn.norm_calls import AMP_DTYPES, CallRecorder, describe, dumps_calls  # noqa: E402
+from mmsn.ops import set_backend  # noqa: E402
 
 DEFAULT_OUT = osp.join(ROOT, 'tests', 'data', 'norm_calls.json')
 COMMAND = 'python tools/analysis_tools/record_norm_calls.py'
@@ -319,7 +320,7 @@ def _sync_rank(rank, world, port, out):
     from datetime import timedelta
 
     from mmsn.layers import SwitchableLayer
-    os.environ['MMSN_BACKEND'] = 'torch'
+    set_backend('torch')
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world, timeout=timedelta(seconds=120))
     calls = []  # in call order: the ranks' lists line up call by call
@@ -398,7 +399,7 @@ def fingerprint():
 
 
 def record_all(log=print):
-    os.environ['MMSN_BACKEND'] = 'torch'  # the reference: what runs on the CPU
+    set_backend('torch')  # the reference: what runs on the CPU
     import logging
 
     from mmengine.logging import MMLogger
