@@ -280,51 +280,42 @@ def test_large_maps_plan_grids_within_cuda_limits(case, monkeypatch):
     # bfloat16 (AMP's activations) halves the address space the plan reserves
     grids = _planned_grids(layer, shape, torch.bfloat16, memory_format)
     assert len({name for name, _ in grids}) >= 6, grids
-    for name, grid in grids:
-        x, y, z = tuple(grid) + (1,) * (3 - len(grid))
-        assert 1 <= x <= 2 ** 31 - 1 and y <= 65535 and z <= 65535, (name, grid)
+    for name, grid in grids:  # one axis, within what CUDA and Triton's launcher take
+        assert len(grid) == 1 and 1 <= grid[0] <= 2 ** 31 - 1, (name, grid)
 
 
-def test_folded_grid():
-    from mmsn.ops.library import MAX_GRID_X, MAX_GRID_YZ, folded_grid
-    assert folded_grid(7, 3) == ((21, 1), dict(FOLDED=False))
-    assert folded_grid(MAX_GRID_X, 1) == ((MAX_GRID_X, 1), dict(FOLDED=False))
-    # past axis 0: the rest on axis 1, fewer programs to spare than rows
-    (x, y), options = folded_grid(3, 2 ** 31)
-    assert (x, y) == (2 ** 31 - 2 ** 29, 4) and x * y - 3 * 2 ** 31 < y and options['FOLDED']
-    with pytest.raises(ValueError, match='input: .* programs exceed'):
-        folded_grid(MAX_GRID_X, MAX_GRID_YZ + 1)
+def test_flat_grid():
+    from mmsn.ops.library import MAX_PROGRAMS, flat_grid
+    assert flat_grid(7, 3) == (21,)
+    assert flat_grid(MAX_PROGRAMS, 1) == (MAX_PROGRAMS,)
+    # Triton's launcher multiplies the grid in a C int and skips a launch past it: refused
+    with pytest.raises(ValueError, match='input: 4294967294 programs, over the 2147483647'):
+        flat_grid(MAX_PROGRAMS, 2)
 
 
 @pytest.mark.parametrize('case', ['sn-nchw', 'sn-channels_last', 'sw16', 'sw16-channels_last'])
-def test_folded_grids_match_reference(case, monkeypatch):
-    """Grids folded onto axis 1 past axis 0's limit (lowered here to 5 programs), with
-    programs to spare past the work (the fold's remainder), under the interpreter, against
-    the reference: every streaming pass of a training step is folded. NCHW cases take the
-    64-bit positions of the largest maps (their threshold lowered too)."""
+def test_64_bit_positions_match_reference(case, monkeypatch):
+    """The streaming passes with 64-bit positions (maps of 2**30 positions and more: their
+    threshold lowered here to 16), under the interpreter, against the reference, a
+    training step over several blocks of L and several splits."""
     import mmsn.ops.library as library
-    monkeypatch.setattr(library, 'MAX_GRID_X', 5)
-    if not case.endswith('channels_last'):
-        monkeypatch.setattr(library, 'LARGE_MAP', 16)
-    folded = set()
+    monkeypatch.setattr(library, 'LARGE_MAP', 16)
+    wide = set()
     original = library.launch
 
     def record(kernel, grid, *args, **kwargs):
-        if len(grid) > 1 and grid[1] > 1:
-            folded.add(kernel.__name__)
+        if str(kwargs.get('POSITIONS')) == 'int64':
+            wide.add(kernel.__name__)
         return original(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(library, 'launch', record)
     if case.startswith('sn'):
-        # NCHW: 7 channel rows x 3 blocks of 2048 positions: 21 programs on 5 x 5, and 7
-        # reductions on 4 x 2; channels_last: 7 samples x 2 blocks of 512 positions
         layer, shape = random_layer(SwitchNorm2d, 7), (1, 7, 50, 90)
         if case.endswith('channels_last'):
             layer, shape = random_layer(SwitchNorm2d, 3), (7, 3, 40, 20)
         streaming = {'_moments_kernel', '_affine_kernel', '_grad_sums_kernel',
                      '_grad_input_kernel'}
     else:
-        # 7 groups x 3 blocks of 128 positions: 21 programs on 5 x 5; 7 reductions on 4 x 2
         layer, shape = random_whitening(112, sw_type=5), (1, 112, 15, 20)
         streaming = {'_group_moments_kernel', '_whiten_kernel', '_whiten_grad_sums_kernel',
                      '_whiten_grad_input_kernel'}
@@ -332,7 +323,7 @@ def test_folded_grids_match_reference(case, monkeypatch):
     if case.endswith('channels_last'):
         x = x.to(memory_format=torch.channels_last)
     compare(layer, x, torch.float32, monkeypatch, train=True)
-    assert folded == streaming
+    assert wide == streaming
 
 
 # ------------------------------------------------- GPUs that the kernels cannot serve

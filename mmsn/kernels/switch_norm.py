@@ -23,26 +23,21 @@ formula, so large means lose no precision.
 
 Grids: a kernel's ``programs`` (sample, channel-block) programs times its blocks of L
 (pointwise passes) or splits (reductions) are numbered flat, the program fastest, on grid
-axis 0 (x, up to 2**31 - 1 programs); past that (``FOLDED``) the host folds the rest onto
-axis 1 (``library.folded_grid``). Axis 1 is never the blocks of L as such: it stops at 65535,
-which a 1024 x 2048 map reaches. Positions are int32, and int64 (``POSITIONS``) for maps so
-large that a position plus a tile could pass 2**31 - 1; addresses are int64 throughout
-(``stride * position`` passes 2**31 on large maps).
+axis 0 (``library.flat_grid``): CUDA takes up to 2**31 - 1 programs there, where axes 1 and
+2 stop at 65535, which the blocks of L of a channels_last 1024 x 2048 map or 128^3 volume
+pass. Positions are int32, and int64 (``POSITIONS``) for maps so large that a position plus
+a tile could pass 2**31 - 1; addresses are int64 throughout (``stride * position`` passes
+2**31 on large maps).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _grid_position(programs, FOLDED: tl.constexpr):
+def _grid_position(programs):
     """(program, block) of this program (see the module docstring): the block of L or the
-    split. Folded, the programs past ``programs x blocks`` (the fold's remainder) get a
-    block past the last one, whose positions are all masked out (or a split past the last,
-    which writes nothing)."""
-    if FOLDED:  # more than 2**31 - 1 programs: numbered in 64 bits
-        flat = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-    else:  # (32-bit division: the 64-bit one is a long software routine)
-        flat = tl.program_id(0)
+    split."""
+    flat = tl.program_id(0)
     return flat % programs, flat // programs
 
 
@@ -65,8 +60,8 @@ def _tile(ptr, n, rows, row_mask, offsets, end, stride_n, stride_c, stride_l):
 @triton.jit
 def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, programs, chunk, stride_n,
                     stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                    ACC: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
-    program, split = _grid_position(programs, FOLDED)
+                    ACC: tl.constexpr, POSITIONS: tl.constexpr):
+    program, split = _grid_position(programs)
     n, rows, row_mask = _tile_rows(program, C, BLOCK_C)
     # Moments of x - x[n, c, 0]: for large means the tile sums then carry no cancellation.
     pivot = tl.load(x_ptr + n * stride_n + rows.to(tl.int64) * stride_c, mask=row_mask,
@@ -91,11 +86,8 @@ def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, programs, chun
         m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
         count = total
     out = split * NC + n * C + rows
-    store_mask = row_mask
-    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
-        store_mask = tl.where(first < L, row_mask, False)
-    tl.store(mean_ptr + out, mean, mask=store_mask)
-    tl.store(m2_ptr + out, m2, mask=store_mask)
+    tl.store(mean_ptr + out, mean, mask=row_mask)
+    tl.store(m2_ptr + out, m2, mask=row_mask)
     if split == 0:
         tl.store(pivot_ptr + n * C + rows, pivot, mask=row_mask)
 
@@ -103,9 +95,8 @@ def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, programs, chun
 @triton.jit
 def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, programs, stride_n, stride_c,
                    stride_l, y_stride_n, y_stride_c, y_stride_l, BLOCK_C: tl.constexpr,
-                   BLOCK_L: tl.constexpr, ACC: tl.constexpr, FOLDED: tl.constexpr,
-                   POSITIONS: tl.constexpr):
-    program, block = _grid_position(programs, FOLDED)
+                   BLOCK_L: tl.constexpr, ACC: tl.constexpr, POSITIONS: tl.constexpr):
+    program, block = _grid_position(programs)
     n, rows, row_mask = _tile_rows(program, C, BLOCK_C)
     offsets = block.to(POSITIONS) * BLOCK_L + tl.arange(0, BLOCK_L)
     scale = tl.load(scale_ptr + n * C + rows, mask=row_mask, other=0.0)
@@ -121,9 +112,9 @@ def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, programs, stride_n,
 def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, programs,
                       chunk, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
                       dy_stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                      ACC: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
+                      ACC: tl.constexpr, POSITIONS: tl.constexpr):
     """Sums of ``dy`` and of ``dy * (x - centre)``: centred, so large means cancel nothing."""
-    program, split = _grid_position(programs, FOLDED)
+    program, split = _grid_position(programs)
     n, rows, row_mask = _tile_rows(program, C, BLOCK_C)
     centre = tl.load(centre_ptr + n * C + rows, mask=row_mask, other=0.0).to(ACC)
     sum_dy = tl.zeros((BLOCK_C, BLOCK_L), dtype=ACC)
@@ -141,21 +132,17 @@ def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, 
         sum_dyx += grads * (values - centre[:, None])
     # fixed-order tree reductions: deterministic, no atomics
     out = split * NC + n * C + rows
-    store_mask = row_mask
-    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
-        store_mask = tl.where(first < L, row_mask, False)
-    tl.store(sum_dy_ptr + out, tl.sum(sum_dy, axis=1), mask=store_mask)
-    tl.store(sum_dyx_ptr + out, tl.sum(sum_dyx, axis=1), mask=store_mask)
+    tl.store(sum_dy_ptr + out, tl.sum(sum_dy, axis=1), mask=row_mask)
+    tl.store(sum_dyx_ptr + out, tl.sum(sum_dyx, axis=1), mask=row_mask)
 
 
 @triton.jit
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, centre_ptr, C, L,
                        programs, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
                        dy_stride_l, dx_stride_n, dx_stride_c, dx_stride_l,
-                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
-                       FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr, POSITIONS: tl.constexpr):
     """``dx = dy * scale + (x - centre) * a + b``."""
-    program, block = _grid_position(programs, FOLDED)
+    program, block = _grid_position(programs)
     n, rows, row_mask = _tile_rows(program, C, BLOCK_C)
     offsets = block.to(POSITIONS) * BLOCK_L + tl.arange(0, BLOCK_L)
     scale = tl.load(scale_ptr + n * C + rows, mask=row_mask, other=0.0)

@@ -18,7 +18,7 @@ kernels of ``switch_whiten_mixing.py``.
 ``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
 
 Grids and positions as for SN (``switch_norm.py``): the (n, group) instances times the blocks
-of L (or the splits) numbered flat, the instance fastest, on axis 0 unless ``FOLDED``.
+of L (or the splits) numbered flat, the instance fastest, on axis 0.
 """
 import triton
 import triton.language as tl
@@ -37,10 +37,10 @@ def _group_tile(ptr, n, g, offsets, L, C_PER: tl.constexpr, stride_n, stride_g, 
 
 
 @triton.jit
-def _group_instance(NG, G, C_PER: tl.constexpr, FOLDED: tl.constexpr):
+def _group_instance(NG, G, C_PER: tl.constexpr):
     """This program's (n, group) instance: its flat index (int64), n, g, its block of L (or
     split) and the channel rows."""
-    instance, block = _grid_position(NG, FOLDED)
+    instance, block = _grid_position(NG)
     return instance.to(tl.int64), instance // G, instance % G, block, tl.arange(0, C_PER)
 
 
@@ -48,11 +48,11 @@ def _group_instance(NG, G, C_PER: tl.constexpr, FOLDED: tl.constexpr):
 def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk, stride_n,
                           stride_g, stride_c, stride_l, C_PER: tl.constexpr,
                           BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                          FINAL: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
+                          FINAL: tl.constexpr, POSITIONS: tl.constexpr):
     """Sums of ``x - pivot`` and their Gram matrix over this split of the instance, with
     ``pivot`` its first column; ``FINAL`` (one split): the mean into ``pivot_ptr`` and the
     population covariance into ``gram_ptr`` instead."""
-    instance, n, g, split, rows = _group_instance(NG, G, C_PER, FOLDED)
+    instance, n, g, split, rows = _group_instance(NG, G, C_PER)
     first, _ = _group_tile(x_ptr, n, g, tl.arange(0, 1), L, C_PER, stride_n, stride_g,
                            stride_c, stride_l)
     pivot = tl.load(first).to(ACC)                                   # (c, 1)
@@ -67,19 +67,15 @@ def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk
         total += tl.sum(tile, axis=1)
         gram += tl.dot(tile, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
     square = rows[:, None] * C_PER + rows[None, :]
-    live = rows < C_PER
-    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
-        live = rows < tl.where(start_at < L, C_PER, 0)
     if FINAL:
         shift = total / L
-        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)) + shift,
-                 mask=live)
+        tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)) + shift)
         tl.store(gram_ptr + instance * C_PER * C_PER + square,
-                 gram / L - shift[:, None] * shift[None, :], mask=live[:, None])
+                 gram / L - shift[:, None] * shift[None, :])
     else:
         out = split * NG + instance
-        tl.store(total_ptr + out * C_PER + rows, total, mask=live)
-        tl.store(gram_ptr + out * C_PER * C_PER + square, gram, mask=live[:, None])
+        tl.store(total_ptr + out * C_PER + rows, total)
+        tl.store(gram_ptr + out * C_PER * C_PER + square, gram)
         if split == 0:
             tl.store(pivot_ptr + instance * C_PER + rows, tl.reshape(pivot, (C_PER,)))
 
@@ -98,8 +94,8 @@ def _load_matrix(ptr, instance, C_PER: tl.constexpr, TRANSPOSE: tl.constexpr = F
 def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, stride_n,
                    stride_g, stride_c, stride_l, y_stride_n, y_stride_g, y_stride_c,
                    y_stride_l, C_PER: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                   PRECISION: tl.constexpr, FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
-    instance, n, g, block, rows = _group_instance(NG, G, C_PER, FOLDED)
+                   PRECISION: tl.constexpr, POSITIONS: tl.constexpr):
+    instance, n, g, block, rows = _group_instance(NG, G, C_PER)
     offsets = block.to(POSITIONS) * BLOCK + tl.arange(0, BLOCK)
     matrix = _load_matrix(matrix_ptr, instance, C_PER)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
@@ -117,9 +113,8 @@ def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, st
 def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L, NG, chunk,
                              stride_n, stride_g, stride_c, stride_l, dy_stride_n, dy_stride_g,
                              dy_stride_c, dy_stride_l, C_PER: tl.constexpr,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                             FOLDED: tl.constexpr, POSITIONS: tl.constexpr):
-    instance, n, g, split, rows = _group_instance(NG, G, C_PER, FOLDED)
+                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, POSITIONS: tl.constexpr):
+    instance, n, g, split, rows = _group_instance(NG, G, C_PER)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
     outer = tl.zeros((C_PER, C_PER), dtype=ACC)
     total = tl.zeros((C_PER,), dtype=ACC)
@@ -136,12 +131,8 @@ def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G
         outer += tl.dot(grads, tl.trans(tile), input_precision=PRECISION, out_dtype=ACC)
         total += tl.sum(grads, axis=1)
     out = split * NG + instance
-    live = rows < C_PER
-    if FOLDED:  # the fold's remainder: splits past the last, which write nothing
-        live = rows < tl.where(start_at < L, C_PER, 0)
-    tl.store(outer_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], outer,
-             mask=live[:, None])
-    tl.store(sum_dy_ptr + out * C_PER + rows, total, mask=live)
+    tl.store(outer_ptr + out * C_PER * C_PER + rows[:, None] * C_PER + rows[None, :], outer)
+    tl.store(sum_dy_ptr + out * C_PER + rows, total)
 
 
 @triton.jit
@@ -150,9 +141,8 @@ def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_ptr, moment_ptr, mea
                               dy_stride_n, dy_stride_g, dy_stride_c, dy_stride_l, dx_stride_n,
                               dx_stride_g, dx_stride_c, dx_stride_l, C_PER: tl.constexpr,
                               BLOCK: tl.constexpr, ACC: tl.constexpr,
-                              PRECISION: tl.constexpr, FOLDED: tl.constexpr,
-                              POSITIONS: tl.constexpr):
-    instance, n, g, block, rows = _group_instance(NG, G, C_PER, FOLDED)
+                              PRECISION: tl.constexpr, POSITIONS: tl.constexpr):
+    instance, n, g, block, rows = _group_instance(NG, G, C_PER)
     offsets = block.to(POSITIONS) * BLOCK + tl.arange(0, BLOCK)
     matrix_t = _load_matrix(matrix_ptr, instance, C_PER, TRANSPOSE=True)
     moment = _load_matrix(moment_ptr, instance, C_PER)

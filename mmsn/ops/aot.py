@@ -13,7 +13,8 @@ What is replayed:
 * ``--calls FILE``: recorded layer calls (``tests/data/norm_calls.json``, see
   ``mmsn/norm_calls.py``): the shipped configs, upstream configs under ``--norm``, a sweep
   over the edge values and the largest maps; synchronized calls (``world > 1``) in a real
-  gloo group of that many processes. This is what ``tests/test_kernel_resources.py`` runs.
+  gloo group of that many processes; then :data:`LARGEST_MAPS` on the meta device. This is
+  what ``tests/test_kernel_resources.py`` runs.
 * otherwise the original shape sweep: ResNet-50's norm shapes for SN and SW at 16/32/64
   channels per group, ``--batches``, ``--dtypes``, ``--layouts``.
 
@@ -32,8 +33,9 @@ over what a block may opt into (A100 163 KiB, H100 227 KiB: Triton opts into the
 maximum); a grid over CUDA's limits (x < 2^31, y and z <= 65535; Triton's launcher also
 multiplies the three in a C ``int`` and skips the launch when that is not positive).
 
-Register budget (``register_budget`` in ``mmsn/ops/library.py``, which also passes it to
-ptxas as each launch's cap), and why: the streaming passes are memory-bound and need many bytes in
+Register budget (``register_budget`` in ``mmsn/ops/library.py``; each launch passes ptxas
+the most registers a block allows, ``register_cap``, so the budget is checked here, not
+imposed), and why: the streaming passes are memory-bound and need many bytes in
 flight per SM; at 128 registers per thread an SM holds 512 threads (16 warps, a quarter of
 its thread slots on sm_80/sm_90), which with these kernels' wide vector loads keeps enough
 loads outstanding to approach bandwidth. Above that, occupancy halves again and latency is
@@ -190,6 +192,47 @@ def _kernel_calls(calls: Iterable[dict]) -> List[dict]:
     kept = [dict(call, dtypes=[d for d in call['dtypes'] if uses_kernels(call, d)])
             for call in calls]
     return [call for call in kept if call['dtypes']]
+
+
+#: the largest maps, planned on the meta device beside the recorded calls (what the
+#: recording leaves out): channels_last volumes and maps whose blocks of L pass 65535 (grid
+#: axes 1 and 2 would stop there), and maps of 2**30 positions (64-bit positions), in
+#: float32 and bfloat16: (layer, options, shape, channels_last)
+LARGEST_MAPS = [
+    ('SwitchNorm3d', dict(num_features=64), (1, 64, 128, 128, 128), True),
+    ('SwitchNorm2d', dict(num_features=256), (1, 256, 1024, 2048), True),
+    ('SwitchWhiten2d', dict(num_features=64, num_pergroup=64), (1, 64, 1024, 1056), False),
+    ('SwitchWhiten2d', dict(num_features=64, num_pergroup=64), (1, 64, 1024, 1056), True),
+    ('SwitchNorm2d', dict(num_features=2), (1, 2, 32768, 32768), False),
+    ('SwitchWhiten2d', dict(num_features=16, num_pergroup=16), (1, 16, 32768, 32768), False),
+    ('SwitchWhiten2d', dict(num_features=32, num_pergroup=32), (1, 32, 32768, 32768), False),
+    ('SwitchWhiten2d', dict(num_features=64, num_pergroup=64), (1, 64, 32768, 32768), True),
+]
+
+
+def plan_largest_maps(architectures: Sequence[int] = ARCHITECTURES) -> Dict[int, LaunchSet]:
+    """:data:`LARGEST_MAPS` plan-only, a training step and an eval forward each, on the meta
+    device (no memory: the plan needs shapes, strides and addresses only)."""
+    from .. import layers
+    from .library import observe_launches
+    plans = {}
+    for arch in architectures:
+        launches = plans[arch] = LaunchSet()
+        with _forced_kernels(), observe_launches(launches.observe,
+                                                 multiprocessors=MULTIPROCESSORS[arch]):
+            for name, options, shape, channels_last in LARGEST_MAPS:
+                layer = getattr(layers, name)(**options).to('meta')
+                memory_format = torch.contiguous_format
+                if channels_last:
+                    memory_format = torch.channels_last_3d if len(shape) == 5 else \
+                        torch.channels_last
+                for dtype in (torch.float32, torch.bfloat16):
+                    launches.case = (f'{name}({options["num_features"]}) '
+                                     f'{"x".join(map(str, shape))} {str(dtype)[6:]}'
+                                     f'{" channels_last" if channels_last else ""} [largest maps]')
+                    step_and_eval(layer, torch.empty(shape, dtype=dtype, device='meta',
+                                                     memory_format=memory_format))
+    return plans
 
 
 def plan_calls(calls: Sequence[dict], architectures: Sequence[int] = ARCHITECTURES
@@ -571,7 +614,9 @@ def main(argv=None) -> int:
         from ..norm_calls import load_calls
         calls = load_calls(args.calls)
         plans = plan_calls(calls, args.archs)
-        what = f'{len(calls)} recorded calls'
+        for arch, launches in plan_largest_maps(args.archs).items():
+            plans[arch].update(launches)
+        what = f'{len(calls)} recorded calls and {len(LARGEST_MAPS)} largest maps'
     else:
         shapes = RESNET50_SHAPES if not args.shapes else \
             [tuple(int(v) for v in shape.split('x')) for shape in args.shapes]

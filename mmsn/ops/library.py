@@ -121,31 +121,29 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-#: CUDA's grid limits: up to 2**31 - 1 programs on axis 0 (x), 65535 on axes 1 and 2
-MAX_GRID_X = 2 ** 31 - 1
-MAX_GRID_YZ = 65535
+#: the most programs a grid may have: CUDA takes 2**31 - 1 on axis 0, and Triton's launcher
+#: multiplies the three axes in a C ``int`` (skipping the launch when that is not positive)
+MAX_PROGRAMS = 2 ** 31 - 1
 #: maps of at least this many positions take the streaming kernels' 64-bit positions: below
-#: it, a position past the map by a tile or by the fold's remainder stays under 2**31 in the
-#: 32-bit ones (cheaper per element)
+#: it, a position past the map by a tile stays under 2**31 in the 32-bit ones (cheaper per
+#: element)
 LARGE_MAP = 2 ** 30
 
 
-def folded_grid(programs: int, blocks: int) -> Tuple[Tuple[int, int], dict]:
-    """The grid of a streaming kernel's ``programs x blocks`` programs, numbered flat
-    (``_grid_position`` in ``mmsn/kernels/switch_norm.py``): on axis 0, and folded onto axis
-    1 past its limit; with the ``FOLDED`` constexpr that says which. Putting the blocks of L
-    on axis 1 as such would stop at 65535 of them (a 1024 x 2048 map, a 128^3 volume in
-    channels_last).
+def flat_grid(programs: int, blocks: int) -> Tuple[int]:
+    """The grid of a streaming kernel's ``programs x blocks`` programs, numbered flat on
+    axis 0 (``_grid_position`` in ``mmsn/kernels/switch_norm.py``). Axes 1 and 2 stop at
+    65535, which the blocks of L of a channels_last 1024 x 2048 map or a 128^3 volume pass;
+    axis 0 holds every tensor that fits in memory (tiles of at least 1024 elements: 2**41
+    elements before the limit).
 
     Raises:
-        ValueError: beyond 2**31 - 1 times 65535 programs (no tensor that fits in memory).
+        ValueError: past ``MAX_PROGRAMS``.
     """
     total = programs * blocks
-    rows = cdiv(total, MAX_GRID_X)
-    if rows > MAX_GRID_YZ:
-        raise ValueError(f'input: {total} programs exceed what a CUDA grid can number')
-    grid = (cdiv(total, rows), rows) if rows > 1 else (total, 1)
-    return grid, dict(FOLDED=rows > 1)
+    if total > MAX_PROGRAMS:
+        raise ValueError(f'input: {total} programs, over the {MAX_PROGRAMS} a grid can number')
+    return (total,)
 
 
 def positions(length: int):
@@ -198,7 +196,7 @@ class _SNPlan:
     long along the contiguous axis: positions for NCHW, channels for channels_last (whose
     loads would otherwise stride by C). The reductions split L when the (sample,
     channel-block) programs alone would leave the GPU idle. Each pass's programs, times its
-    blocks of L or splits, make one flat :func:`folded_grid`.
+    blocks of L or splits, make one :func:`flat_grid`.
     """
     TILE = 2048
     MAX_CHANNELS = 64  # a channels_last tile still spans several positions
@@ -216,8 +214,8 @@ class _SNPlan:
         blocks = cdiv(length, self.block_l)
         self.splits, self.chunk = split_reduction(self.programs, length, self.block_l,
                                                   x3.device)
-        self.reduce_grid, self.reduce_fold = folded_grid(self.programs, self.splits)
-        self.pointwise_grid, self.pointwise_fold = folded_grid(self.programs, blocks)
+        self.reduce_grid = flat_grid(self.programs, self.splits)
+        self.pointwise_grid = flat_grid(self.programs, blocks)
         self.positions = positions(length)
 
     def meta(self, dtype: torch.dtype, pointwise: bool = False) -> dict:
@@ -230,8 +228,7 @@ class _SNPlan:
         per_thread = 128 if (pointwise and several_channels) or dtype == torch.float64 else 256
         warps = max(1, min(16, self.block_c * self.block_l // per_thread))
         return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype),
-                    POSITIONS=self.positions, num_warps=warps,
-                    **(self.pointwise_fold if pointwise else self.reduce_fold))
+                    POSITIONS=self.positions, num_warps=warps)
 
 
 def split_reduction(programs: int, length: int, block: int,
@@ -493,16 +490,16 @@ def sw_moments(x: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     args = _sw_args(c, dtype, length, 'moments')
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     first = x.new_empty((n, groups, c), dtype=dtype)
-    grid, fold = folded_grid(n * groups, splits)
+    grid = flat_grid(n * groups, splits)
     if splits == 1:
         cov = x.new_empty((n, groups, c, c), dtype=dtype)
         launch(_group_moments_kernel, grid, x4, first, first, cov, groups, length, n * groups,
-               chunk, *x4.stride(), FINAL=True, **fold, **args)
+               chunk, *x4.stride(), FINAL=True, **args)
         return first, cov
     totals = x.new_empty((splits, n, groups, c), dtype=dtype)
     grams = x.new_empty((splits, n, groups, c, c), dtype=dtype)
     launch(_group_moments_kernel, grid, x4, first, totals, grams, groups, length, n * groups,
-           chunk, *x4.stride(), FINAL=False, **fold, **args)
+           chunk, *x4.stride(), FINAL=False, **args)
     # sums of x - pivot (the first column): no cancellation for large means
     mean = totals.sum(0) / length
     cov = grams.sum(0) / length - mean[..., :, None] * mean[..., None, :]
@@ -520,9 +517,9 @@ def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
     if _has_work(n, groups, length):
         y4 = as_groups(y, group_size)
         args = _sw_args(c, matrix.dtype, length, 'whiten')
-        grid, fold = folded_grid(n * groups, cdiv(length, args['BLOCK']))
+        grid = flat_grid(n * groups, cdiv(length, args['BLOCK']))
         launch(_whiten_kernel, grid, x4, y4, matrix, centre, shift, groups, length, n * groups,
-               *x4.stride(), *y4.stride(), **fold, **args)
+               *x4.stride(), *y4.stride(), **args)
     return y
 
 
@@ -540,9 +537,9 @@ def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
     splits, chunk = split_reduction(n * groups, length, args['BLOCK'], x.device)
     outers = x.new_empty((splits, n, groups, c, c), dtype=centre.dtype)
     sums_dy = x.new_empty((splits, n, groups, c), dtype=centre.dtype)
-    grid, fold = folded_grid(n * groups, splits)
+    grid = flat_grid(n * groups, splits)
     launch(_whiten_grad_sums_kernel, grid, x4, dy4, centre, outers, sums_dy, groups, length,
-           n * groups, chunk, *x4.stride(), *dy4.stride(), **fold, **args)
+           n * groups, chunk, *x4.stride(), *dy4.stride(), **args)
     return outers, sums_dy
 
 
@@ -556,9 +553,9 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix: Tensor, moment: Tensor, mean: T
     if _has_work(n, groups, length):
         dx4 = as_groups(dx, group_size)
         args = _sw_args(c, matrix.dtype, length, 'grad_input')
-        grid, fold = folded_grid(n * groups, cdiv(length, args['BLOCK']))
+        grid = flat_grid(n * groups, cdiv(length, args['BLOCK']))
         launch(_whiten_grad_input_kernel, grid, x4, dy4, dx4, matrix, moment, mean, vector,
-               groups, length, n * groups, *x4.stride(), *dy4.stride(), *dx4.stride(), **fold,
+               groups, length, n * groups, *x4.stride(), *dy4.stride(), *dx4.stride(),
                **args)
     return dx
 
