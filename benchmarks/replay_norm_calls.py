@@ -19,7 +19,8 @@ tolerance (``<= 1`` passes) and the script exits 1 on any failure.
 
 Skipped, and counted: synchronized calls with ``world > 1`` (one GPU: the compile check
 plans them in a real process group, ``tests/test_sync_layers.py`` runs them), and calls
-the kernels do not take (SW groups other than 16/32/64: the reference on a GPU too).
+the kernels do not take (``sw_kernels_refuse``: float64 SW at 64 channels per group in the
+recorded file; the reference on a GPU too).
 
 ``--jobs N`` replays in N processes (a fresh GPU machine compiles every kernel variant once:
 in parallel, its CPU cores shorten that). ``--smoke`` replays a few small calls on the CPU

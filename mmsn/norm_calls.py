@@ -10,7 +10,7 @@ A record is one JSON object that says everything a call hands the op besides ten
 * ``shape``, ``stride``: the input as the layer got it (channels_last shows in the strides).
 * ``dtypes``: the input dtypes the call is replayed with. A model recorded in float32 lists
   float16 and bfloat16 too: under ``--amp`` autocast hands a norm layer the dtype of the
-  convolution before it, and the layers keep it (their AMP policy, README); parameters stay
+  convolution before it, and the layers keep it (their AMP policy: docs/kernels.md); parameters stay
   float32 either way, float64 layers are ``.double()``.
 * ``train`` (the layer's mode: batch statistics and running update), ``input_grad`` and
   ``param_grad`` (what the backward computes; no backward when both are False).

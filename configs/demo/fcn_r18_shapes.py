@@ -1,6 +1,6 @@
 # Demo baseline: a small FCN segmentor with BN, trained on the generated shapes dataset
 # (mmsn/demo/shapes.py). The model comes from mmseg's FCN R50-D8, made small. The SN demo
-# (fcn_r18-sn_shapes.py) and the norm study in the README start from it.
+# (fcn_r18-sn_shapes.py) and the norm study (docs/norm_switch.md) start from it.
 _base_ = [
     'mmseg::_base_/models/fcn_r50-d8.py',
     'mmseg::_base_/default_runtime.py',

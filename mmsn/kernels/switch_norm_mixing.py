@@ -75,16 +75,17 @@ def _ratios(ptr, K: tl.constexpr, LOGITS: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _scalar(value, ACC: tl.constexpr):
-    """An integer argument as an ACC scalar. Not ``value.to(ACC)``: Triton's launcher passes
-    an integer argument equal to 1 as a constexpr (batch 1, 1x1 maps, one group), and a
-    constexpr, or a product of two, has no ``.to``; the sum is a tensor either way."""
+    """An integer argument (or constant) as an ACC scalar. Not ``value.to(ACC)``: a
+    constexpr, or a product of two, has no ``.to`` (the kernels of ``mixing_jit`` take no
+    integer as a constant, but a caller's literal may be one); the sum is a tensor either
+    way."""
     return tl.zeros((), dtype=ACC) + value
 
 
 @triton.jit
 def _count(N, L, ACC: tl.constexpr):
     """``N L`` elements as an ACC scalar: multiplied in floating point (the int32 product of
-    two int32 arguments would overflow past 2**31), from :func:`_scalar` (either may be 1)."""
+    two int32 arguments would overflow past 2**31)."""
     return _scalar(N, ACC) * L
 
 

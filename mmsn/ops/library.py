@@ -77,12 +77,11 @@ def register_cap(num_warps: int) -> int:
     return min(MIXING_REGISTERS, BLOCK_REGISTERS // (32 * num_warps))
 
 
-def launch(kernel, grid: Tuple[int, ...], *args, num_warps: int = 4,
-           maxnreg: Optional[int] = None, **constexprs) -> None:
-    """Launches ``kernel[grid](*args, num_warps=..., maxnreg=..., **constexprs)`` (``maxnreg``
-    by default :func:`register_cap`): every kernel of mmsn goes through here, so that
+def launch(kernel, grid: Tuple[int, ...], *args, num_warps: int = 4, **constexprs) -> None:
+    """Launches ``kernel[grid](*args, num_warps=..., **constexprs)`` with ptxas's register
+    cap (:func:`register_cap`): every kernel of mmsn goes through here, so that
     :func:`observe_launches` sees exactly what the ops launch."""
-    options = dict(num_warps=num_warps, maxnreg=maxnreg or register_cap(num_warps))
+    options = dict(num_warps=num_warps, maxnreg=register_cap(num_warps))
     if _observer is not None and not _observer(kernel, grid, args, dict(constexprs, **options)):
         return
     kernel[grid](*args, **options, **constexprs)
