@@ -1,36 +1,8 @@
-"""Evaluate a checkpoint of an mmdet or mmseg model (the OpenMMLab tools/test.py, for both).
-
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
-                         [--launcher none|pytorch|slurm|mpi]
-"""
-import argparse
-import os
-import os.path as osp
+"""``python -m mmsn.tools.test`` (console script ``mmsn-test``) from a checkout:
+the code is in ``mmsn/tools/test.py``."""
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,  # noqa: E402
-                             reporting_unresponsive_processes)
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description='Test a detector or segmentor with mmsn')
-    parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
-    common_arguments(parser)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
-
-
-def main():
-    args = parse_args()
-    with reporting_unresponsive_processes():
-        runner = build_runner(args, mode='test')
-        runner.test()
-    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
-    finish_distributed()
-
+from mmsn.tools.test import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,43 +1,8 @@
-"""Train an mmdet or mmseg model from a config (the OpenMMLab tools/train.py, for both).
-
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
-                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
-                          [--norm SN|SyncSN|SW|SyncSW|GN|BN|SyncBN [--norm-heads]
-                           [--pretrained FILE | --no-pretrained] [--sw-layers NAME]]
-                          [--batch-size N]
-"""
-import argparse
-import os
-import os.path as osp
+"""``python -m mmsn.tools.train`` (console script ``mmsn-train``) from a checkout:
+the code is in ``mmsn/tools/train.py``."""
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,  # noqa: E402
-                             norm_arguments, reporting_unresponsive_processes)
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description='Train a detector or segmentor with mmsn')
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--resume', nargs='?', type=str, const='auto',
-                        help='resume from the given checkpoint, or from the latest one in '
-                        'the work dir when no path is given')
-    parser.add_argument('--amp', action='store_true', help='mixed precision training')
-    common_arguments(parser)
-    norm_arguments(parser)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
-
-
-def main():
-    args = parse_args()
-    with reporting_unresponsive_processes():
-        runner = build_runner(args, mode='train')
-        runner.train()
-    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
-    finish_distributed()
-
+from mmsn.tools.train import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -32,7 +32,7 @@ from .backbones import register_backbones, replace_norm_layers
 from .checkpoint_hook import AtomicCheckpointHook, register_checkpoint_hook
 from .hooks import BatchAverageHook, SwitchableRatioHook, register_hooks
 from .compat import (install_build_hook, install_checkpoint_loader, patch_norm_decay,
-                     patch_norm_eval)
+                     patch_norm_eval, register_config_package)
 from .pretrained import StrictPretrainedInit, register_initializers
 from .registry import register_layers
 
@@ -47,10 +47,11 @@ def setup_openmmlab() -> None:
     install_build_hook()
     patch_norm_decay()
     install_checkpoint_loader()
+    register_config_package()
 
 
 __all__ = ['setup_openmmlab', 'register_layers', 'patch_norm_eval', 'patch_norm_decay',
            'install_checkpoint_loader', 'install_build_hook', 'register_backbones', 'register_initializers',
            'replace_norm_layers', 'SW_PLACEMENTS', 'StrictPretrainedInit', 'SwitchableRatioHook',
            'BatchAverageHook', 'register_hooks', 'AtomicCheckpointHook',
-           'register_checkpoint_hook']
+           'register_checkpoint_hook', 'register_config_package']

@@ -162,6 +162,23 @@ def patch_norm_decay() -> bool:
     return True
 
 
+def register_config_package() -> bool:
+    """Lets configs inherit mmsn's shipped ones, ``_base_ = 'mmsn::sn/...py'``, as they do
+    mmdet's: mmengine resolves ``package::`` only for the packages of its
+    ``MODULE2PACKAGE`` table (a new key here, nothing else changed), from
+    ``<package>/.mim/configs`` (mmsn's wheel carries its configs there).
+
+    Returns:
+        bool: whether mmengine was found.
+    """
+    try:
+        from mmengine.config.utils import MODULE2PACKAGE
+    except ImportError:
+        return False
+    MODULE2PACKAGE.setdefault('mmsn', 'mmsn')
+    return True
+
+
 def install_checkpoint_loader() -> bool:
     """Makes mmengine load local checkpoint files with :func:`mmsn.checkpoint.load_checkpoint_file`:
     always ``weights_only=True``, with exactly the globals mmengine's own checkpoints hold

@@ -159,9 +159,25 @@ def reporting_unresponsive_processes():
             f'({wait:g} s, env_cfg.dist_cfg.timeout); {who}. Ending the job.') from error
 
 
+def _rescope_inherited(node, scope: str) -> None:
+    """Dicts a config took from mmsn's shipped ones (``_base_ = 'mmsn::...'``) carry
+    ``_scope_='mmsn'`` (mmengine marks what it takes from a package); mmsn has no registries
+    of its own (its configs are mmdet or mmseg configs), so they take ``scope``."""
+    if isinstance(node, dict):
+        if node.get('_scope_') == 'mmsn':
+            node['_scope_'] = scope
+        for value in node.values():
+            _rescope_inherited(value, scope)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _rescope_inherited(value, scope)
+
+
 def prepare_config(cfg, args, mode: str):
     """Applies the command line to ``cfg``: work dir, options, launcher, resume, AMP, devices."""
     from mmengine.config import ConfigDict
+    if cfg.get('default_scope'):
+        _rescope_inherited(cfg._cfg_dict, cfg.default_scope)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     cfg.launcher = args.launcher

@@ -1,0 +1,4 @@
+"""mmsn's command-line tools, as modules of the installed package: ``python -m
+mmsn.tools.train`` or the console script ``mmsn-train`` (likewise ``test``, ``sn2mm``,
+``plot_ratios``, ``harden_ratios``, ``batch_average``). A checkout's ``tools/*.py`` and
+``tools/dist_*.sh`` run the same code."""

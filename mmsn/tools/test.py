@@ -1,0 +1,35 @@
+"""Evaluate a checkpoint of an mmdet or mmseg model (the OpenMMLab tools/test.py, for both).
+
+    python -m mmsn.tools.test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+                              [--launcher none|pytorch|slurm|mpi]
+"""
+import argparse
+import os
+import sys
+
+from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,
+                             reporting_unresponsive_processes)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test a detector or segmentor with mmsn')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    common_arguments(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with reporting_unresponsive_processes():
+        runner = build_runner(args, mode='test')
+        runner.test()
+    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
+    finish_distributed()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Train an mmdet or mmseg model from a config (the OpenMMLab tools/train.py, for both).
+
+    python -m mmsn.tools.train CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+                               [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+                               [--norm SN|SyncSN|SW|SyncSW|GN|BN|SyncBN [--norm-heads]
+                                [--pretrained FILE | --no-pretrained] [--sw-layers NAME]]
+                               [--batch-size N]
+"""
+import argparse
+import os
+import sys
+
+from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,
+                             norm_arguments, reporting_unresponsive_processes)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector or segmentor with mmsn')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--resume', nargs='?', type=str, const='auto',
+                        help='resume from the given checkpoint, or from the latest one in '
+                        'the work dir when no path is given')
+    parser.add_argument('--amp', action='store_true', help='mixed precision training')
+    common_arguments(parser)
+    norm_arguments(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with reporting_unresponsive_processes():
+        runner = build_runner(args, mode='train')
+        runner.train()
+    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
+    finish_distributed()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
