@@ -372,3 +372,20 @@ def test_random_state_survives_a_map_location_and_restores(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+def test_configs_can_inherit_mmsn_configs_and_take_their_default_scope(tmp_path):
+    """``mmsn::`` resolves as ``mmdet::`` does (mmengine's MODULE2PACKAGE gains one key, and
+    nothing else changes); what mmengine marks ``_scope_='mmsn'`` takes the config's
+    ``default_scope`` in mmsn's tools (mmsn has no registries of its own). Resolving the
+    path needs the installed package: tests/test_package.py."""
+    from mmengine.config import Config
+    from mmengine.config.utils import MODULE2PACKAGE
+
+    from mmsn.mm.launch import _rescope_inherited
+    assert MODULE2PACKAGE['mmsn'] == 'mmsn' and MODULE2PACKAGE['mmdet'] == 'mmdet'
+    cfg = Config(dict(default_scope='mmseg', hooks=[dict(type='A', _scope_='mmsn')],
+                      model=dict(type='B', _scope_='mmdet', head=dict(type='C', _scope_='mmsn'))))
+    _rescope_inherited(cfg._cfg_dict, cfg.default_scope)
+    assert cfg.hooks[0]._scope_ == 'mmseg' and cfg.model._scope_ == 'mmdet'
+    assert cfg.model.head._scope_ == 'mmseg'
