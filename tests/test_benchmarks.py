@@ -25,6 +25,7 @@ def run_smoke(script, tmp_path, *args):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script,column,expected', [
     ('bench_switch_norm.py', 'op', {'mmsn-triton', 'mmsn-torch', 'BatchNorm2d', 'GroupNorm32'}),
     ('bench_switch_whiten.py', 'op', {'SW2-16 mmsn-triton', 'SW5-16 mmsn-triton',
@@ -42,6 +43,7 @@ def test_layer_benchmarks_smoke(script, column, expected, tmp_path):
         assert {row['dtype'] for row in rows} == {'float32', 'bfloat16'}
 
 
+@pytest.mark.slow
 def test_resnet50_step_smoke(tmp_path):
     pytest.importorskip('triton')
     rows = run_smoke('bench_resnet50_step.py', tmp_path)
@@ -49,6 +51,7 @@ def test_resnet50_step_smoke(tmp_path):
         f'ResNet-50 {kind}' for kind in ('bn', 'gn', 'sn@triton', 'sw7@triton')]
 
 
+@pytest.mark.slow
 def test_deploy_and_import_smoke(tmp_path):
     pytest.importorskip('mmcv')
     rows = run_smoke('deploy_hard_ratios.py', tmp_path)
@@ -66,6 +69,7 @@ def test_counts_of_zero_are_refused_by_name(capsys, monkeypatch):
     assert 'argument --rounds: expected a positive integer, got 0' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_replay_of_recorded_calls_smoke(tmp_path):
     """The GPU replay of tests/data/norm_calls.json (benchmarks/replay_norm_calls.py) on a
     few small recorded calls, kernels interpreted, in 2 worker processes as on a GPU."""

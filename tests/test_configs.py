@@ -198,7 +198,7 @@ def test_missing_pretrained_backbone_fails_with_instructions():
     with pytest.raises(FileNotFoundError) as error:
         backbone.init_weights()
     message = str(error.value)
-    assert checkpoint in message and 'sn2mm.py --sw-layers segmentation SRC' in message
+    assert checkpoint in message and 'mmsn-sn2mm --sw-layers segmentation SRC' in message
 
 
 def test_strict_pretrained_loads_and_refuses_incomplete_files(tmp_path):

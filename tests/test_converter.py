@@ -224,6 +224,7 @@ def test_sn_release_converts_to_the_same_backbone(variant, tmp_path):
     assert_same_features(authors, dst, meta['backbone'])
 
 
+@pytest.mark.slow
 def test_sw_release_converts_to_swresnet(tmp_path):
     torch.manual_seed(0)
     authors = AuthorsResNet(sw_release_norm)

@@ -74,6 +74,7 @@ def compile_problems(kind, *shapes):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize('kind,shapes', [
     ('sn', ['256x1x1']),            # DeepLabV3's image pool at batch 1; SwitchNorm1d on (1, C)
@@ -195,6 +196,7 @@ def _grad_like(y):
     return torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=y.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize('scenario', ['one-empty', 'all-empty'])
 @pytest.mark.parametrize('backend', ['torch', 'triton'])

@@ -24,6 +24,7 @@ def calls():
     return load_calls(CALLS)
 
 
+@pytest.mark.slow
 def test_the_file_is_current():
     """Its fingerprint (recorded configs as resolved, package versions, the recording
     code) matches the checkout: otherwise regenerate with the command it names."""

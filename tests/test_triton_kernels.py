@@ -184,8 +184,11 @@ def random_whitening(channels, dtype=torch.float32, cls=SwitchWhiten2d, num_perg
     return layer.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize('sw_type', [2, 3, 5])
+# every sw_type in float32 and sw_type 5 (every statistic) in each dtype in the quick tier
+@pytest.mark.parametrize('sw_type,dtype', [
+    pytest.param(sw_type, dtype, id=f'{sw_type}-{str(dtype)[6:]}',
+                 marks=[pytest.mark.slow] if sw_type != 5 and dtype != torch.float32 else [])
+    for sw_type in (2, 3, 5) for dtype in (torch.float32, torch.float64, torch.bfloat16)])
 def test_sw_kernels_match_reference(sw_type, dtype, monkeypatch):
     layer = random_whitening(32, dtype, sw_type=sw_type)
     x = (torch.randn(3, 32, 5, 7, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
@@ -194,7 +197,9 @@ def test_sw_kernels_match_reference(sw_type, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize('case', ['1x1-N1', 'channels_last', 'tie_weight', 'sync-fallback',
-                                  'group32', 'group64', 'large-mean', 'split-L'])
+                                  pytest.param('group32', marks=pytest.mark.slow),
+                                  pytest.param('group64', marks=pytest.mark.slow),
+                                  'large-mean', 'split-L'])
 def test_sw_kernels_odd_cases(case, monkeypatch):
     kwargs = dict(tie_weight=True) if case == 'tie_weight' else {}
     cls = SyncSwitchWhiten2d if case == 'sync-fallback' else SwitchWhiten2d
@@ -226,6 +231,7 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
         compare(layer, x, torch.float32, monkeypatch, train=False)
 
 
+@pytest.mark.slow
 def test_sw_kernels_at_64_per_group_type5_two_iterations(monkeypatch):
     """Newton through scratch memory (64 per group) against the reference, forward,
     backward and buffers, train and eval: sw_type 5 (every statistic), T = 2 (the backward's
@@ -290,6 +296,7 @@ def test_backend_dispatch():
     assert backend_for(x) == 'triton'  # a refused name changes nothing
 
 
+@pytest.mark.slow
 def test_mmsn_backend_is_read_once_at_import():
     """``MMSN_BACKEND`` decides at import (a bad value fails the import, naming it);
     changing the variable later changes nothing."""
@@ -405,8 +412,14 @@ def _spd(a):
     return a @ a.transpose(-1, -2) / a.shape[-1] + 0.1 * torch.eye(a.shape[-2])
 
 
-@pytest.mark.parametrize('name,args', _op_cases(),
-                         ids=[f'{name}-{i}' for i, (name, _) in enumerate(_op_cases())])
+#: the slower opcheck cases (SW at 32 and 64 per group, eval): the full suite only
+_SLOW_OP_CASES = (6, 7, 10)
+
+
+@pytest.mark.parametrize('name,args', [
+    pytest.param(name, args, id=f'{name}-{i}',
+                 marks=[pytest.mark.slow] if i in _SLOW_OP_CASES else [])
+    for i, (name, args) in enumerate(_op_cases())])
 def test_registered_ops_pass_opcheck(name, args):
     """torch.library's own checks: schema, fake implementation (shapes, dtypes, strides),
     autograd registration, AOT dispatch with static and dynamic shapes."""

@@ -28,6 +28,11 @@ axis 0 (``library.flat_grid``): CUDA takes up to 2**31 - 1 programs there, where
 pass. Positions are int32, and int64 (``POSITIONS``) for maps so large that a position plus
 a tile could pass 2**31 - 1; addresses are int64 throughout (``stride * position`` passes
 2**31 on large maps).
+
+The counts that only number programs and partial results (``programs``, ``NC``) are not
+specialized on (``do_not_specialize``): Triton would compile a variant for each of their
+values that is 1 or divisible by 16, i.e. for many new batch sizes, while the loads of x do
+not depend on them.
 """
 import triton
 import triton.language as tl
@@ -57,7 +62,7 @@ def _tile(ptr, n, rows, row_mask, offsets, end, stride_n, stride_c, stride_l):
     return at, row_mask[:, None] & (offsets[None, :] < end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('NC', 'programs',))
 def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, programs, chunk, stride_n,
                     stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     ACC: tl.constexpr, POSITIONS: tl.constexpr):
@@ -92,7 +97,7 @@ def _moments_kernel(x_ptr, pivot_ptr, mean_ptr, m2_ptr, C, L, NC, programs, chun
         tl.store(pivot_ptr + n * C + rows, pivot, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('programs',))
 def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, programs, stride_n, stride_c,
                    stride_l, y_stride_n, y_stride_c, y_stride_l, BLOCK_C: tl.constexpr,
                    BLOCK_L: tl.constexpr, ACC: tl.constexpr, POSITIONS: tl.constexpr):
@@ -108,7 +113,7 @@ def _affine_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, L, programs, stride_n,
              mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('NC', 'programs',))
 def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, NC, programs,
                       chunk, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
                       dy_stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -136,7 +141,7 @@ def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, 
     tl.store(sum_dyx_ptr + out, tl.sum(sum_dyx, axis=1), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('programs',))
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, centre_ptr, C, L,
                        programs, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
                        dy_stride_l, dx_stride_n, dx_stride_c, dx_stride_l,

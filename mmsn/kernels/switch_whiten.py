@@ -18,7 +18,8 @@ kernels of ``switch_whiten_mixing.py``.
 ``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
 
 Grids and positions as for SN (``switch_norm.py``): the (n, group) instances times the blocks
-of L (or the splits) numbered flat, the instance fastest, on axis 0.
+of L (or the splits) numbered flat, the instance fastest, on axis 0. ``G`` and ``NG`` only
+number the instances: not specialized on, as SN's ``programs``.
 """
 import triton
 import triton.language as tl
@@ -44,7 +45,7 @@ def _group_instance(NG, G, C_PER: tl.constexpr):
     return instance.to(tl.int64), instance // G, instance % G, block, tl.arange(0, C_PER)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('G', 'NG'))
 def _group_moments_kernel(x_ptr, pivot_ptr, total_ptr, gram_ptr, G, L, NG, chunk, stride_n,
                           stride_g, stride_c, stride_l, C_PER: tl.constexpr,
                           BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -90,7 +91,7 @@ def _load_matrix(ptr, instance, C_PER: tl.constexpr, TRANSPOSE: tl.constexpr = F
     return tl.load(ptr + instance * C_PER * C_PER + square)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('G', 'NG'))
 def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, stride_n,
                    stride_g, stride_c, stride_l, y_stride_n, y_stride_g, y_stride_c,
                    y_stride_l, C_PER: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
@@ -109,7 +110,7 @@ def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, st
     tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('G', 'NG'))
 def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L, NG, chunk,
                              stride_n, stride_g, stride_c, stride_l, dy_stride_n, dy_stride_g,
                              dy_stride_c, dy_stride_l, C_PER: tl.constexpr,
@@ -135,7 +136,7 @@ def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G
     tl.store(sum_dy_ptr + out * C_PER + rows, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('G', 'NG'))
 def _whiten_grad_input_kernel(x_ptr, dy_ptr, dx_ptr, matrix_ptr, moment_ptr, mean_ptr,
                               vector_ptr, G, L, NG, stride_n, stride_g, stride_c, stride_l,
                               dy_stride_n, dy_stride_g, dy_stride_c, dy_stride_l, dx_stride_n,

@@ -40,9 +40,10 @@ class StrictPretrainedInit(PretrainedInit):
         else:
             message += 'Convert the released ImageNet model SRC with\n'
         options = f'{self.convert_options} ' if self.convert_options else ''
-        message += f'    python tools/model_converters/sn2mm.py {options}SRC {self.checkpoint}\n'
-        return message + ('(README, "Pretrained backbones"), or set '
-                          'model.backbone.init_cfg=None to train from scratch on purpose.')
+        message += f'    mmsn-sn2mm {options}SRC {self.checkpoint}\n'
+        return message + ('(python tools/model_converters/sn2mm.py in a checkout; README, '
+                          '"Pretrained backbones"), or set model.backbone.init_cfg=None to '
+                          'train from scratch on purpose.')
 
     def __call__(self, module):
         from mmengine.logging import print_log

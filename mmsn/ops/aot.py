@@ -197,7 +197,8 @@ def _kernel_calls(calls: Iterable[dict]) -> List[dict]:
 #: the largest maps, planned on the meta device beside the recorded calls (what the
 #: recording leaves out): channels_last volumes and maps whose blocks of L pass 65535 (grid
 #: axes 1 and 2 would stop there), and maps of 2**30 positions (64-bit positions), in
-#: float32 and bfloat16: (layer, options, shape, channels_last)
+#: bfloat16 (AMP's activations; the dtypes themselves are the records' business):
+#: (layer, options, shape, channels_last)
 LARGEST_MAPS = [
     ('SwitchNorm3d', dict(num_features=64), (1, 64, 128, 128, 128), True),
     ('SwitchNorm2d', dict(num_features=256), (1, 256, 1024, 2048), True),
@@ -226,12 +227,11 @@ def plan_largest_maps(architectures: Sequence[int] = ARCHITECTURES) -> Dict[int,
                 if channels_last:
                     memory_format = torch.channels_last_3d if len(shape) == 5 else \
                         torch.channels_last
-                for dtype in (torch.float32, torch.bfloat16):
-                    launches.case = (f'{name}({options["num_features"]}) '
-                                     f'{"x".join(map(str, shape))} {str(dtype)[6:]}'
-                                     f'{" channels_last" if channels_last else ""} [largest maps]')
-                    step_and_eval(layer, torch.empty(shape, dtype=dtype, device='meta',
-                                                     memory_format=memory_format))
+                launches.case = (f'{name}({options["num_features"]}) '
+                                 f'{"x".join(map(str, shape))} bfloat16'
+                                 f'{" channels_last" if channels_last else ""} [largest maps]')
+                step_and_eval(layer, torch.empty(shape, dtype=torch.bfloat16, device='meta',
+                                                 memory_format=memory_format))
     return plans
 
 

@@ -389,23 +389,26 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
     running = running if running is not None else (stats, stats, stats)
     updated = updated if updated is not None else running
     world = sync_world_size(process_group) if sync else 1
-    args = [pivot, partial_means, partial_m2s, mean_weight, var_weight,
-            stats if weight is None else weight, stats if bias is None else bias,
-            running[0], running[1], updated[0], updated[1], running[2], updated[2], stats,
-            mean_in, var_in, stats, scale, shift, n, c, length, splits, chunk, world,
-            0.0 if momentum is None else momentum, eps]
-    options = dict(K=k, LOGITS=logits, AFFINE=weight is not None, BATCH=use_batch_stats,
-                   UPDATE=update, CUMULATIVE=momentum is None, **_mixing_plan(n, c), **meta)
+    # (unused pointers get any tensor: stats)
+    args = dict(pivot_ptr=pivot, part_mean_ptr=partial_means, part_m2_ptr=partial_m2s,
+                mean_logit_ptr=mean_weight, var_logit_ptr=var_weight,
+                weight_ptr=stats if weight is None else weight,
+                bias_ptr=stats if bias is None else bias, running_mean_ptr=running[0],
+                running_var_ptr=running[1], new_mean_ptr=updated[0], new_var_ptr=updated[1],
+                tracked_ptr=running[2], new_tracked_ptr=updated[2], parts_ptr=stats,
+                mean_in_ptr=mean_in, var_in_ptr=var_in, stats_ptr=stats, scale_ptr=scale,
+                shift_ptr=shift, N=n, C=c, L=length, S=splits, chunk=chunk, R=world,
+                momentum=0.0 if momentum is None else momentum, eps=eps,
+                K=k, LOGITS=logits, AFFINE=weight is not None, BATCH=use_batch_stats,
+                UPDATE=update, CUMULATIVE=momentum is None, **_mixing_plan(n, c), **meta)
     if world > 1 and use_batch_stats and k == 3:
         local = x.new_empty(1 + 2 * c, dtype=dtype)
-        args[13] = local
-        launch(_mix_forward_kernel, (1,), *args, STAGE=1, **options)
+        launch(_mix_forward_kernel, (1,), **dict(args, parts_ptr=local), STAGE=1)
         gathered = x.new_empty(world * (1 + 2 * c), dtype=dtype)  # (gloo wants it flat)
         torch.distributed.all_gather_into_tensor(gathered, local, group=process_group)
-        args[13] = gathered
-        launch(_mix_forward_kernel, (1,), *args, STAGE=2, **options)
+        launch(_mix_forward_kernel, (1,), **dict(args, parts_ptr=gathered), STAGE=2)
     else:
-        launch(_mix_forward_kernel, (1,), *args, STAGE=0, **options)
+        launch(_mix_forward_kernel, (1,), **args, STAGE=0)
     y_out = torch.empty_like(x_in)
     y = as_ncl(y_out)
     if _has_work(n, c, length):
@@ -597,20 +600,21 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     common = dict(C_PER=c, ACC=accumulator(dtype))
     if use_batch_stats:
         world = sync_world_size(process_group) if sync else 1
-        args = [mean, cov, batch, batch, running[0], running[1], updated[0], updated[1],
-                running[2], n, groups, length, world, 0.0 if momentum is None else momentum]
-        options = dict(UPDATE=update, CUMULATIVE=momentum is None, **common,
-                       **_sw_mixing_options('batch', c, dtype))
+        args = dict(mean_ptr=mean, cov_ptr=cov, parts_ptr=batch, batch_ptr=batch,
+                    running_mean_ptr=running[0], running_cov_ptr=running[1],
+                    new_mean_ptr=updated[0], new_cov_ptr=updated[1], tracked_ptr=running[2],
+                    N=n, G=groups, L=length, R=world,
+                    momentum=0.0 if momentum is None else momentum, UPDATE=update,
+                    CUMULATIVE=momentum is None, **common,
+                    **_sw_mixing_options('batch', c, dtype))
         if world > 1:
             local = x.new_empty(1 + groups * c + groups * c * c, dtype=dtype)
-            args[2] = local
-            launch(_sw_batch_kernel, (groups,), *args, STAGE=1, **options)
+            launch(_sw_batch_kernel, (groups,), **dict(args, parts_ptr=local), STAGE=1)
             gathered = x.new_empty(world * local.numel(), dtype=dtype)  # (gloo wants it flat)
             torch.distributed.all_gather_into_tensor(gathered, local, group=process_group)
-            args[2] = gathered
-            launch(_sw_batch_kernel, (groups,), *args, STAGE=2, **options)
+            launch(_sw_batch_kernel, (groups,), **dict(args, parts_ptr=gathered), STAGE=2)
         else:
-            launch(_sw_batch_kernel, (groups,), *args, STAGE=0, **options)
+            launch(_sw_batch_kernel, (groups,), **args, STAGE=0)
         source = batch_moments_views(batch, groups, c)
     else:
         source = running[0], running[1]
