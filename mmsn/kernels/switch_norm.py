@@ -145,7 +145,8 @@ def _grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, sum_dy_ptr, sum_dyx_ptr, C, L, 
 def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, a_ptr, b_ptr, centre_ptr, C, L,
                        programs, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
                        dy_stride_l, dx_stride_n, dx_stride_c, dx_stride_l,
-                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr, POSITIONS: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
+                       POSITIONS: tl.constexpr):
     """``dx = dy * scale + (x - centre) * a + b``."""
     program, block = _grid_position(programs)
     n, rows, row_mask = _tile_rows(program, C, BLOCK_C)

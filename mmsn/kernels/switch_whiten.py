@@ -114,7 +114,8 @@ def _whiten_kernel(x_ptr, y_ptr, matrix_ptr, centre_ptr, shift_ptr, G, L, NG, st
 def _whiten_grad_sums_kernel(x_ptr, dy_ptr, centre_ptr, outer_ptr, sum_dy_ptr, G, L, NG, chunk,
                              stride_n, stride_g, stride_c, stride_l, dy_stride_n, dy_stride_g,
                              dy_stride_c, dy_stride_l, C_PER: tl.constexpr,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, POSITIONS: tl.constexpr):
+                             BLOCK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                             POSITIONS: tl.constexpr):
     instance, n, g, split, rows = _group_instance(NG, G, C_PER)
     centre = tl.load(centre_ptr + instance * C_PER + rows)
     outer = tl.zeros((C_PER, C_PER), dtype=ACC)

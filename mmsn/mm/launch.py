@@ -1,4 +1,4 @@
-"""What tools/train.py and tools/test.py share: arguments, config handling, distributed setup.
+"""What tools/train.py and tools/test.py share: arguments, config, distributed setup, the run.
 
 Works for mmdet and mmseg configs alike (the config's ``default_scope`` decides), on GPUs with
 NCCL and on the CPU with gloo. mmengine 0.10.7's ``pytorch`` launcher calls
@@ -303,6 +303,17 @@ def report_switched_model(runner, original, norm: str) -> None:
     _log(f'--norm {norm}: {len(lines)} norm modules changed')
     for line in lines:
         _log(f'  {line}')
+
+
+def run(args, mode: str) -> int:
+    """What tools/train.py and tools/test.py do: build the Runner, train or test, and end
+    the distributed run in order (see :func:`finish_distributed`). Returns the exit status."""
+    with reporting_unresponsive_processes():
+        runner = build_runner(args, mode=mode)
+        runner.train() if mode == 'train' else runner.test()
+    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
+    finish_distributed()
+    return 0
 
 
 def build_runner(args, mode: str):

@@ -23,9 +23,10 @@ equal to 1 becomes a constexpr, an integer or pointer divisible by 16 gets
 ``tt.divisibility=16``. Each launch here goes through Triton's own binder
 (``create_function_from_signature`` and ``JITFunction._pack_args``, as in
 ``JITFunction.run``) and launches are deduplicated by the resulting key (kernel, argument
-types, constexprs, attributes, ``num_warps`` and ``maxnreg``), so every variant a GPU would compile is
-compiled. Each architecture is planned for its GPU: sm_80 as an A100 (108 SMs), sm_90 as an
-H100 (132 SMs); the SM count decides how reductions split, so the launches differ.
+types, constexprs, attributes, ``num_warps`` and ``maxnreg``), so every variant a GPU would
+compile is compiled. Each architecture is planned for its GPU: sm_80 as an A100 (108 SMs),
+sm_90 as an H100 (132 SMs); the SM count decides how reductions split, so the launches
+differ.
 
 What fails (:func:`problems`): a compile error; any stack or local memory (spills);
 registers over the kernel's budget, or more than a block's 64K registers; shared memory

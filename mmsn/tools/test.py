@@ -7,8 +7,7 @@ import argparse
 import os
 import sys
 
-from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,
-                             reporting_unresponsive_processes)
+from mmsn.mm.launch import common_arguments, run
 
 
 def parse_args(argv=None):
@@ -22,13 +21,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    with reporting_unresponsive_processes():
-        runner = build_runner(args, mode='test')
-        runner.test()
-    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
-    finish_distributed()
-    return 0
+    return run(parse_args(argv), mode='test')
 
 
 if __name__ == '__main__':

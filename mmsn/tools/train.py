@@ -10,8 +10,7 @@ import argparse
 import os
 import sys
 
-from mmsn.mm.launch import (build_runner, common_arguments, finish_distributed,
-                             norm_arguments, reporting_unresponsive_processes)
+from mmsn.mm.launch import common_arguments, norm_arguments, run
 
 
 def parse_args(argv=None):
@@ -29,13 +28,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    with reporting_unresponsive_processes():
-        runner = build_runner(args, mode='train')
-        runner.train()
-    del runner  # (its DistributedDataParallel holds the process group: see finish_distributed)
-    finish_distributed()
-    return 0
+    return run(parse_args(argv), mode='train')
 
 
 if __name__ == '__main__':
