@@ -308,6 +308,7 @@ def report_switched_model(runner, original, norm: str) -> None:
 def run(args, mode: str) -> int:
     """What tools/train.py and tools/test.py do: build the Runner, train or test, and end
     the distributed run in order (see :func:`finish_distributed`). Returns the exit status."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))  # (launchers that pass --local-rank)
     with reporting_unresponsive_processes():
         runner = build_runner(args, mode=mode)
         runner.train() if mode == 'train' else runner.test()

@@ -4,7 +4,6 @@
                               [--launcher none|pytorch|slurm|mpi]
 """
 import argparse
-import os
 import sys
 
 from mmsn.mm.launch import common_arguments, run
@@ -15,9 +14,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     common_arguments(parser)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:

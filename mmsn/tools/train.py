@@ -7,7 +7,6 @@
                                [--batch-size N]
 """
 import argparse
-import os
 import sys
 
 from mmsn.mm.launch import common_arguments, norm_arguments, run
@@ -22,9 +21,7 @@ def parse_args(argv=None):
     parser.add_argument('--amp', action='store_true', help='mixed precision training')
     common_arguments(parser)
     norm_arguments(parser)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
