@@ -39,7 +39,7 @@ def layers(channels: int):
 
 def timed_steps(layer, x, dy, steps: int, launch: bool):
     """(host ms of each of ``steps`` steps, device ms of all of them or None)."""
-    from mmsn.ops.library import observe_launches
+    from mmsn.ops.launching import observe_launches
     planning = contextlib.nullcontext() if launch else observe_launches(lambda *a: False)
     cuda = x.is_cuda
     with planning:

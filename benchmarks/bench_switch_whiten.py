@@ -34,7 +34,7 @@ def layers(channels, device, dtype, backends, *, per_group):
 
 
 def add_arguments(parser):
-    from mmsn.ops.library import KERNEL_GROUP_SIZES
+    from mmsn.ops.triton_switch_whiten import KERNEL_GROUP_SIZES
     parser.add_argument('--per-group', type=positive_int, nargs='+', default=[16, 64],
                         choices=KERNEL_GROUP_SIZES,
                         help='channels per whitening group (the sizes the kernels take)')

@@ -49,7 +49,8 @@ def main(argv=None):
     if args.smoke:
         args.batch, args.size, args.repeats = 1, 32, 1
     from mmcv.cnn import fuse_conv_bn
-    from mmsn.deploy import deploy_hard_switchable, harden_ratios
+    from mmsn.deploy import deploy_hard_switchable
+    from mmsn.hard_ratios import harden_ratios
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     variants = {'BN, folded (fuse_conv_bn)': fuse_conv_bn(build('BN'))}

@@ -20,8 +20,8 @@ A record is one JSON object that says everything a call hands the op besides ten
 
 ``tests/data/norm_calls.json`` holds those of the shipped configs, of upstream configs under
 ``--norm``, of a layer sweep over the edge values and of the largest maps users feed; it is
-written by ``tools/analysis_tools/record_norm_calls.py``. ``python -m mmsn.ops.aot --calls``
-replays them plan-only and compiles every launch; ``benchmarks/replay_norm_calls.py``
+written by ``tools/analysis_tools/record_norm_calls.py``.
+``python -m mmsn.tools.compile_check --calls`` replays them plan-only and compiles every launch; ``benchmarks/replay_norm_calls.py``
 replays them on a GPU against the reference. Needs torch alone.
 """
 import contextlib
@@ -68,8 +68,8 @@ def describe(layer: SwitchableLayer, x: Tensor) -> dict:
 
 
 def _world(layer: SwitchableLayer) -> int:
-    group, sync = layer._sync()
-    if not sync:
+    group = layer.sync_group()
+    if group is None:
         return 1
     from .ops.distributed import sync_world_size
     return sync_world_size(group)
@@ -148,8 +148,8 @@ def load_calls(path: str) -> List[dict]:
 
 def uses_kernels(record: dict, dtype: str) -> bool:
     """Whether the call, in ``dtype``, runs on the Triton kernels on a GPU (SW where
-    :func:`~mmsn.ops.library.sw_kernels_refuse` does not refuse it)."""
-    from .ops.library import sw_kernels_refuse
+    :func:`~mmsn.ops.triton_switch_whiten.sw_kernels_refuse` does not refuse it)."""
+    from .ops.triton_switch_whiten import sw_kernels_refuse
     options = record['options']
     if 'num_pergroup' in options:
         return sw_kernels_refuse(options['num_pergroup'], options['method'],

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
@@ -97,6 +98,17 @@ def run_job(command: Sequence[str], timeout: float, log_path: str, cwd: Optional
     if check:
         assert code == 0, f'exit code {code}:\n{log[-6000:]}'
     return log
+
+
+def collective_timeout(spawn_timeout: float) -> timedelta:
+    """The gloo timeout of ranks that :func:`spawn_ranks` runs with ``spawn_timeout``.
+
+    Long enough for the slowest rank's work between two collectives on a loaded machine (a
+    rank waits there while another runs the interpreter: SW at 64 channels a group took
+    over 60 s with other tests beside it), short enough that a missed collective fails as
+    an error, naming the collective, before the spawn's limit kills the ranks.
+    """
+    return timedelta(seconds=0.75 * spawn_timeout)
 
 
 def spawn_ranks(fn: Callable, args: tuple, nprocs: int, timeout: float) -> None:

@@ -5,8 +5,8 @@ the kernels cannot serve.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which compiles
 nothing: what only a compile shows is checked by compiling the recorded launches for sm_80
-with Triton's compiler in a subprocess (``mmsn.ops.aot``), and what only a huge map shows by
-planning its launches without running them (``observe_launches``).
+with Triton's compiler in a subprocess (``mmsn.tools.compile_check``), and what only a huge
+map shows by planning its launches without running them (``observe_launches``).
 
 Tolerances against the reference (``compare`` of tests/test_triton_kernels.py) are that
 module's, which says why they hold on a GPU too; the empty-input tests expect exact zeros
@@ -18,12 +18,10 @@ import subprocess
 import sys
 import types
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmsn import (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchWhiten2d, SyncSwitchNorm,
                   SyncSwitchWhiten2d)
@@ -31,6 +29,7 @@ from mmsn.ops import set_backend
 
 pytest.importorskip('triton')
 
+from processes import collective_timeout, spawn_ranks  # noqa: E402
 from test_sync_layers import free_port  # noqa: E402
 from test_triton_kernels import compare, random_layer, random_whitening  # noqa: E402
 
@@ -41,12 +40,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Records the launches of the layers built by ``LAYERS`` (a synchronized layer on a faked
 #: 2-rank group: its two mixing stages, nothing gathered) at the given shapes and compiles
-#: each for sm_80, printing the problems ``mmsn.ops.aot`` finds as JSON.
+#: each for sm_80, printing the problems ``mmsn.tools.compile_check`` finds as JSON.
 _COMPILE_SCRIPT = r'''
 import json, sys
 import torch, torch.distributed as dist
 import mmsn
-from mmsn.ops import aot, library, triton_switch_norm, triton_switch_whiten
+from mmsn.layers import base
+from mmsn.ops import triton_switch_norm, triton_switch_whiten
+from mmsn.tools import compile_check as aot
 LAYERS = {
     'sn': lambda c: mmsn.SwitchNorm2d(c), 'syncsn': lambda c: mmsn.SyncSwitchNorm(c),
     'sw': lambda c: mmsn.SwitchWhiten2d(c, num_pergroup=16, sw_type=5),
@@ -55,7 +56,8 @@ LAYERS = {
 kind, shapes = sys.argv[1], [tuple(map(int, s.split('x'))) for s in sys.argv[2:]]
 aot._layer = lambda _, channels: LAYERS[kind](channels)
 if kind.startswith('sync'):
-    for module in (library, triton_switch_norm, triton_switch_whiten):
+    base.default_group = lambda: 'a faked group'
+    for module in (triton_switch_norm, triton_switch_whiten):
         module.sync_world_size = lambda group=None: 2
     dist.all_gather_into_tensor = lambda *args, **kwargs: None
     dist.all_reduce = lambda *args, **kwargs: None
@@ -157,7 +159,7 @@ def _empty_rank(rank, world_size, port, out_dir, backend, scenario):
     set_backend(backend)
     os.environ.setdefault('TRITON_INTERPRET', '1')
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+                            world_size=world_size, timeout=collective_timeout(EMPTY_SECONDS))
     results = {}
     for name, layer, x in _sync_cases(rank, scenario):
         x = x.clone().requires_grad_()
@@ -196,8 +198,12 @@ def _grad_like(y):
     return torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=y.dtype)
 
 
+#: the limit of the 2-rank empty-map runs (the test's is 30 s more)
+EMPTY_SECONDS = 200
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(EMPTY_SECONDS + 30)
 @pytest.mark.parametrize('scenario', ['one-empty', 'all-empty'])
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
 def test_synchronized_layers_with_empty_maps(backend, scenario, tmp_path):
@@ -205,8 +211,8 @@ def test_synchronized_layers_with_empty_maps(backend, scenario, tmp_path):
     elements the running statistics take rank 1's batch (as SN/SW on rank 1's part alone
     would) and its outputs and gradients are that layer's; with none anywhere nothing
     changes. Rank 0's output is empty and its gradients zero."""
-    mp.spawn(_empty_rank, args=(2, free_port(), str(tmp_path), backend, scenario), nprocs=2,
-             join=True)
+    spawn_ranks(_empty_rank, (2, free_port(), str(tmp_path), backend, scenario), nprocs=2,
+                timeout=EMPTY_SECONDS)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for (name, sync, _), (_, _, x) in zip(_sync_cases(0, scenario), _sync_cases(1, scenario)):
         empty = ranks[0][name]
@@ -243,11 +249,11 @@ def _planned_grids(layer, shape, dtype=torch.float32, memory_format=torch.contig
     """(kernel name, grid) of every launch of a training step and an eval forward of
     ``layer`` on ``shape``, planned and not run (uninitialised inputs: no page of them is
     touched)."""
-    from mmsn.ops.aot import step_and_eval
-    from mmsn.ops.library import observe_launches
+    from mmsn.tools.compile_check import step_and_eval
+    from mmsn.ops.launching import observe_launches
     grids = []
 
-    def observe(kernel, grid, args, options):
+    def observe(kernel, grid, arguments):
         grids.append((kernel.__name__, tuple(grid)))
         return False
 
@@ -287,7 +293,7 @@ def test_large_maps_plan_grids_within_cuda_limits(case, monkeypatch):
 
 
 def test_flat_grid():
-    from mmsn.ops.library import MAX_PROGRAMS, flat_grid
+    from mmsn.ops.launching import MAX_PROGRAMS, flat_grid
     assert flat_grid(7, 3) == (21,)
     assert flat_grid(MAX_PROGRAMS, 1) == (MAX_PROGRAMS,)
     # Triton's launcher multiplies the grid in a C int and skips a launch past it: refused
@@ -300,17 +306,14 @@ def test_64_bit_positions_match_reference(case, monkeypatch):
     """The streaming passes with 64-bit positions (maps of 2**30 positions and more: their
     threshold lowered here to 16), under the interpreter, against the reference, a
     training step over several blocks of L and several splits."""
-    import mmsn.ops.library as library
-    monkeypatch.setattr(library, 'LARGE_MAP', 16)
+    import mmsn.ops.launching as launching
+    monkeypatch.setattr(launching, 'LARGE_MAP', 16)
     wide = set()
-    original = library.launch
 
-    def record(kernel, grid, *args, **kwargs):
-        if str(kwargs.get('POSITIONS')) == 'int64':
+    def record(kernel, grid, arguments):
+        if str(arguments.get('POSITIONS')) == 'int64':
             wide.add(kernel.__name__)
-        return original(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(library, 'launch', record)
+        return True  # (and run it)
     if case.startswith('sn'):
         layer, shape = random_layer(SwitchNorm2d, 7), (1, 7, 50, 90)
         if case.endswith('channels_last'):
@@ -324,7 +327,8 @@ def test_64_bit_positions_match_reference(case, monkeypatch):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(12)) * 2 + 1
     if case.endswith('channels_last'):
         x = x.to(memory_format=torch.channels_last)
-    compare(layer, x, torch.float32, monkeypatch, train=True)
+    with launching.observe_launches(record):
+        compare(layer, x, torch.float32, monkeypatch, train=True)
     assert wide == streaming
 
 

@@ -1,13 +1,13 @@
 """The kernels compiled ahead of time for real GPUs (sm_80, sm_90), no GPU needed, for the
-calls users make: ``python -m mmsn.ops.aot --calls tests/data/norm_calls.json`` replays every
-recorded layer call plan-only (the shipped configs in inference and a training step, in
+calls users make: ``python -m mmsn.tools.compile_check --calls tests/data/norm_calls.json``
+replays every recorded layer call plan-only (the shipped configs in inference and a training step, in
 float32 and in what ``--amp`` gives, upstream configs under ``--norm``, the edge-value
 sweep, Cityscapes' whole image; synchronized calls in a real 2-process gloo group) and the
 largest maps (``LARGEST_MAPS``, on the meta device), binds each launch as Triton's launcher
 does, compiles every distinct one for both architectures and checks: no compile error, no
 spill, registers within the kernel's budget (and a block's), shared memory within the
-architecture's limit, grids within CUDA's limits (``mmsn/ops/aot.py`` says why each). Runs
-in a subprocess: the kernels must be compiled, not interpreted (conftest sets
+architecture's limit, grids within CUDA's limits (``mmsn/tools/compile_check.py`` says why
+each). Runs in a subprocess: the kernels must be compiled, not interpreted (conftest sets
 TRITON_INTERPRET=1 for this process).
 
 Time on 2 idle cores (AMD EPYC): about 6 minutes (1,100 distinct launches) with an empty Triton cache, 15 s with it
@@ -46,7 +46,8 @@ def compiled_env():
 def test_recorded_calls_compile_within_budget(tmp_path):
     out = tmp_path / 'check.json'
     run = subprocess.run(
-        [sys.executable, '-m', 'mmsn.ops.aot', '--calls', CALLS, '--quiet', '--json', str(out)],
+        [sys.executable, '-m', 'mmsn.tools.compile_check', '--calls', CALLS, '--quiet', '--json',
+         str(out)],
         env=compiled_env(), cwd=ROOT, capture_output=True, text=True,
         timeout=2 * COLD_SECONDS)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
@@ -66,7 +67,7 @@ def test_each_launch_is_bound_with_its_own_values(tmp_path):
     launches to compile."""
     script = textwrap.dedent('''
         import torch, triton, triton.language as tl
-        from mmsn.ops.aot import LaunchSet
+        from mmsn.tools.compile_check import LaunchSet
 
         @triton.jit
         def kernel(x_ptr, n, BLOCK: tl.constexpr):
@@ -75,9 +76,9 @@ def test_each_launch_is_bound_with_its_own_values(tmp_path):
         launches = LaunchSet()
         x = torch.empty(64)
         for ptr, n in ((x, 32), (x, 33), (x[1:], 32), (x, 1), (x, 64)):
-            launches.observe(kernel, (1,), (ptr, n), dict(BLOCK=16, num_warps=4))
-        launches.observe(kernel, (70000, 70000), (x, 32), dict(BLOCK=16, num_warps=4))
-        launches.observe(kernel, (1,), (x, 32), dict(BLOCK=16, num_warps=4, maxnreg=128))
+            launches.observe(kernel, (1,), dict(x_ptr=ptr, n=n, BLOCK=16, num_warps=4))
+        launches.observe(kernel, (70000, 70000), dict(x_ptr=x, n=32, BLOCK=16, num_warps=4))
+        launches.observe(kernel, (1,), dict(x_ptr=x, n=32, BLOCK=16, num_warps=4, maxnreg=128))
         print(len(launches.launches), launches.count, len(launches.grid_problems))
     ''')
     (tmp_path / 'bind.py').write_text(script)  # (@triton.jit needs a source file)

@@ -14,8 +14,9 @@ pytest.importorskip('mmseg')
 
 from mmengine.config import Config  # noqa: E402
 
-from mmsn.mm.norm_switch import (NormSwitchError, check_switched, module_changes,  # noqa: E402
-                                 norm_modules, scale_batch_size, switch_config_norm)
+from mmsn.mm.batch_size import scale_batch_size  # noqa: E402
+from mmsn.mm.norm_check import check_switched, module_changes, norm_modules  # noqa: E402
+from mmsn.mm.norm_switch import NormSwitchError, switch_config_norm  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 

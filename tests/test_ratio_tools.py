@@ -15,8 +15,8 @@ from mmsn import SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSwitchNor
 from mmsn.checkpoint import load_checkpoint_file
 from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
 from mmsn.batch_average import batch_average_statistics
-from mmsn.deploy import (ChannelAffine, HardSwitchNorm, deploy_hard_switchable, hard_choice,
-                         harden_ratios, harden_state_dict)
+from mmsn.deploy import ChannelAffine, HardSwitchNorm, deploy_hard_switchable
+from mmsn.hard_ratios import hard_choice, harden_ratios, harden_state_dict
 from processes import spawn_ranks
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -4,7 +4,6 @@ import copy
 import functools
 import os
 import socket
-from datetime import timedelta
 
 import pytest
 import torch
@@ -14,9 +13,13 @@ from torch import nn
 from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSparseSwitchNorm2d,
                   SyncSwitchNorm, SyncSwitchWhiten2d, convert_sync_sn, revert_sync_sn)
 from mmsn.ops import set_backend
-from processes import spawn_ranks
+from processes import collective_timeout, spawn_ranks
 
 CHANNELS = 16
+#: limits of the spawned ranks: the layer comparison (up to 3 ranks, SW at 64 channels a
+#: group in the interpreter) and the double-backward check
+SPAWN_SECONDS = 240
+DOUBLE_SECONDS = 150
 
 
 def make_layers(backend='torch', wide=False):
@@ -74,7 +77,7 @@ def run_rank(rank, world_size, port, sizes, out_dir, backend='torch', wide=False
         mmsn.ops._compiling = lambda: True
     # A bounded timeout turns a missed collective into an error instead of a hang.
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+                            world_size=world_size, timeout=collective_timeout(SPAWN_SECONDS))
     calls = {'all_gather': 0, 'all_reduce': 0}
     for op, counted_as in (('all_gather', 'all_gather'), ('all_gather_into_tensor', 'all_gather'),
                            ('all_reduce', 'all_reduce')):
@@ -121,7 +124,7 @@ def free_port():
     ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton-wide'),
     ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
     '2-ranks' if v == (1, 4) else v)
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(SPAWN_SECONDS + 60)
 def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
     """'triton-wide': the kernels with SW at 64 channels per group too."""
     backend, wide = backend.removesuffix('-wide'), backend.endswith('-wide')
@@ -129,7 +132,7 @@ def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tm
         pytest.importorskip('triton')
     world_size = len(sizes)
     spawn_ranks(run_rank, (world_size, free_port(), list(sizes), str(tmp_path), backend, wide),
-                nprocs=world_size, timeout=240)
+                nprocs=world_size, timeout=SPAWN_SECONDS)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(world_size)]
     for name, local, sync in make_layers(backend, wide):
         x_all, grad_all = make_data(sum(sizes), local.num_features)
@@ -222,7 +225,7 @@ def double_backward_rank(rank, world_size, port, out_dir, backend):
     set_backend(backend)
     os.environ.setdefault('TRITON_INTERPRET', '1')
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+                            world_size=world_size, timeout=collective_timeout(DOUBLE_SECONDS))
     outcome = {}
     for name, layer in (('sn', SyncSwitchNorm(CHANNELS)),
                         ('sw', SyncSwitchWhiten2d(CHANNELS, num_pergroup=16))):
@@ -240,14 +243,14 @@ def double_backward_rank(rank, world_size, port, out_dir, backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('backend', ['torch', 'triton'])
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(DOUBLE_SECONDS + 30)
 def test_double_backward_of_synchronized_layers_is_a_clear_error(backend, tmp_path):
     """Second derivatives through the collective would miss the other ranks' terms: refused
     with an error, never a silently wrong gradient."""
     if backend == 'triton':
         pytest.importorskip('triton')
     spawn_ranks(double_backward_rank, (2, free_port(), str(tmp_path), backend), nprocs=2,
-                timeout=150)
+                timeout=DOUBLE_SECONDS)
     for rank in range(2):
         outcome = torch.load(tmp_path / f'double{rank}.pt', weights_only=True)
         for name in ('sn', 'sw'):

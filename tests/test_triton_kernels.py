@@ -129,16 +129,17 @@ def test_large_means_channels_last_and_no_bn_branch(monkeypatch):
 def test_sn_tiles_and_split_reductions(shape, layout, splits, monkeypatch):
     """Tiles that span several channels (masked past C), channels_last tiles, and
     reductions split over L and merged on the host."""
-    from mmsn.ops.library import _SNPlan, as_ncl
+    from mmsn.ops.launching import as_ncl
+    from mmsn.ops.triton_switch_norm import SNPlan
     x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3 + 2
     if layout == 'channels_last':
         x = x.to(memory_format=torch.channels_last)
-    assert _SNPlan(as_ncl(x)).splits == splits  # (the CPU plan targets 4 programs)
+    assert SNPlan(as_ncl(x)).splits == splits  # (the CPU plan targets 4 programs)
     compare(random_layer(SwitchNorm2d, shape[1]), x, torch.float32, monkeypatch)
 
 
 def test_gradient_in_another_layout_is_copied_once():
-    from mmsn.ops.library import as_ncl, in_layout_of
+    from mmsn.ops.launching import as_ncl, in_layout_of
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     dy = torch.randn(2, 3, 4, 5)
     got = in_layout_of(dy, as_ncl(x))
@@ -210,7 +211,7 @@ def test_sw_kernels_odd_cases(case, monkeypatch):
         case, (2, layer.num_features, 6, 9) if case.startswith('group') else
         (2, layer.num_features, 4, 6))
     if case == 'split-L':  # 2 (sample, group) programs, 144 positions: 2 splits of 128
-        from mmsn.ops.library import split_reduction
+        from mmsn.ops.launching import split_reduction
         assert split_reduction(2, 144, 128, torch.device('cpu')) == (2, 128)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     if case == 'channels_last':
@@ -246,7 +247,7 @@ def test_sw_kernels_at_64_per_group_type5_two_iterations(monkeypatch):
 def test_sw_kernels_refuse_float64_at_64_per_group(monkeypatch):
     """Float64 at 64 channels per group is the reference's (the kernels would spill):
     forcing the kernels raises, naming it; at 32 per group float64 takes the kernels."""
-    from mmsn.ops.library import sw_kernels_refuse
+    from mmsn.ops.triton_switch_whiten import sw_kernels_refuse
     assert sw_kernels_refuse(32, 'newton', torch.float64) is None
     assert sw_kernels_refuse(64, 'newton', torch.float32) is None
     layer = random_whitening(128, torch.float64, num_pergroup=64)
@@ -273,7 +274,7 @@ def test_sw_weight_and_bias_are_independent(which, monkeypatch):
         y = switch_whiten(xi, logits, logits, weight=p if which == 'weight' else None,
                           bias=p if which == 'bias' else None, running_mean=None,
                           running_cov=None, num_batches_tracked=None, use_batch_stats=True,
-                          num_pergroup=16, sw_type=2, iterations=5, momentum=0.1, eps=1e-5,
+                          num_pergroup=16, sw_type=2, T=5, momentum=0.1, eps=1e-5,
                           logits=True)
         y.backward(torch.ones_like(y) + x)
         results[backend] = (y.detach(), xi.grad, p.grad)

@@ -210,7 +210,7 @@ def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
             for name in ('mean_fixed', 'var_fixed', 'radius'):
                 used[name] = ('mean_weight,var_weight', 'folded into the ratio logits')
     if dst_kind == 'SW':
-        groups, per_group = dst['running_cov'].shape[:2]
+        groups, num_pergroup = dst['running_cov'].shape[:2]
         if src_kind == 'SW':
             for name in ('sw_mean_weight', 'sw_var_weight', 'running_mean', 'running_cov'):
                 if name in src:  # a stride-0 running_cov of early releases is copied dense
@@ -219,7 +219,7 @@ def convert_layer(src_kind: str, src: Dict[str, Tensor], dst_kind: str,
         else:  # BN -> SW: batch statistics on the diagonal, uniform ratios
             out['running_mean'] = _reshaped(src['running_mean'], dst['running_mean'])
             out['running_cov'] = torch.diag_embed(
-                src['running_var'].reshape(groups, per_group)).to(dst['running_cov'].dtype)
+                src['running_var'].reshape(groups, num_pergroup)).to(dst['running_cov'].dtype)
             used['running_mean'] = ('running_mean', 'BN statistics; uniform SW ratios')
             used['running_var'] = ('running_cov', 'on the diagonal')
             for name in ('sw_mean_weight', 'sw_var_weight'):

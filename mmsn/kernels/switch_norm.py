@@ -13,7 +13,7 @@ SN needs, per (n, c) instance of ``x`` viewed as ``(N, C, L)`` (L = the spatial 
 Every kernel works on ``(BLOCK_C, BLOCK_L)`` tiles: BLOCK_C channels of one sample by BLOCK_L
 positions. Strides are arguments, so NCHW (positions contiguous: a wide tile) and
 channels_last (channels contiguous: a tall tile) are both read with coalesced loads and
-without copies; the host picks the tile shape (``mmsn/ops/library.py``).
+without copies; the host picks the tile shape (``SNPlan`` in ``mmsn/ops/triton_switch_norm.py``).
 
 The reductions split L when there are too few (sample, channel-block) programs to fill the
 GPU, each split writing its partial result; the host merges the splits in a fixed order

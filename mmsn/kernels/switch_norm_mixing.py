@@ -57,7 +57,7 @@ def mixing_jit(fn):
     integers = [name for name, param in inspect.signature(fn).parameters.items()
                 if param.annotation is not tl.constexpr and not name.endswith('_ptr')]
     kernel = triton.jit(fn, do_not_specialize=integers)
-    kernel.mixing = True  # (its register budget: mmsn/ops/library.py, register_budget)
+    kernel.mixing = True  # (its register budget: register_budget in mmsn/ops/launching.py)
     return kernel
 
 

@@ -15,7 +15,9 @@ Per (n, group) instance of ``x`` viewed as ``(N, G, c, L)``:
 Between the passes, the mixing step and its vector-Jacobian product run in the small
 kernels of ``switch_whiten_mixing.py``.
 
-``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference.
+``c`` must be a power of two >= 16 (``tl.dot``); other group sizes use the reference. The
+kernels spell the layers' names as constants: ``C_PER`` is ``c`` (``num_pergroup``), and in
+``switch_whiten_mixing.py`` ``ITERATIONS`` is Newton's ``T``.
 
 Grids and positions as for SN (``switch_norm.py``): the (n, group) instances times the blocks
 of L (or the splits) numbered flat, the instance fastest, on axis 0. ``G`` and ``NG`` only

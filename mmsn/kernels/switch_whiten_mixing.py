@@ -152,10 +152,10 @@ def _newton_step(p, normalised, PRECISION: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _iterate(normalised, eye, STEPS: tl.constexpr, PRECISION: tl.constexpr,
+def _iterate(normalised, eye, ITERATIONS: tl.constexpr, PRECISION: tl.constexpr,
              ACC: tl.constexpr):
     p = eye
-    for _ in tl.static_range(STEPS):
+    for _ in tl.static_range(ITERATIONS):
         p = _newton_step(p, normalised, PRECISION, ACC)
     return p
 

@@ -4,6 +4,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.distributed import default_group
+
 #: the ratio logit of a statistic a layer must not use (hard ratios, converted sparse ratios):
 #: its softmax weight underflows to exactly 0 in every float dtype, and so does its gradient.
 ZERO_RATIO_LOGIT = -1e4
@@ -44,6 +46,9 @@ class SwitchableLayer(nn.Module):
 
     _input_dims: Sequence[int] = (4,)
     _input_layout = '(N, C, H, W)'
+    #: the synchronized variants pool the batch statistics over ``self.group`` (or the world)
+    synchronized = False
+    group: Optional[object] = None
 
     def __init__(self, num_features: int, eps: float, momentum: Optional[float], affine: bool):
         super().__init__()
@@ -76,6 +81,14 @@ class SwitchableLayer(nn.Module):
 
     def use_batch_stats(self) -> bool:
         return self.training
+
+    def sync_group(self) -> Optional[object]:
+        """The op's ``sync``: the process group whose whole batch the batch statistics pool
+        (a synchronized layer's ``group``, or the world once torch.distributed is
+        initialised), or None for this process's batch."""
+        if not self.synchronized:
+            return None
+        return self.group if self.group is not None else default_group()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

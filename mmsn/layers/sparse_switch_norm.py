@@ -75,10 +75,9 @@ class SyncSparseSwitchNorm2d(SparseSwitchNorm2d):
         **kwargs: as for :class:`SparseSwitchNorm2d`.
     """
 
+    synchronized = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  last_gamma: bool = False, group: Optional[object] = None):
         super().__init__(num_features, eps, momentum, affine, last_gamma)
         self.group = group
-
-    def _sync(self) -> Tuple[Optional[object], bool]:
-        return self.group, True

@@ -76,18 +76,13 @@ class _SwitchNorm(SwitchableLayer):
         """What the op mixes with: the logits (its kernels apply the softmax themselves)."""
         return self.mean_weight, self.var_weight, True
 
-    def _sync(self) -> Tuple[Optional[object], bool]:
-        return None, False
-
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         mean_weight, var_weight, logits = self.ratio_inputs()
-        group, sync = self._sync()
         return switch_norm(
             x, mean_weight, var_weight, self.weight, self.bias, self.running_mean,
             self.running_var, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
-            momentum=self.momentum, eps=self.eps, process_group=group, sync=sync,
-            logits=logits)
+            momentum=self.momentum, eps=self.eps, sync=self.sync_group(), logits=logits)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
@@ -129,6 +124,8 @@ class SyncSwitchNorm(_SwitchNorm):
         **kwargs: as for :class:`SwitchNorm2d`.
     """
 
+    synchronized = True
+
     _input_dims = (2, 3, 4, 5)
     _input_layout = '(N, C, *)'
 
@@ -137,6 +134,3 @@ class SyncSwitchNorm(_SwitchNorm):
                  group: Optional[object] = None):
         super().__init__(num_features, eps, momentum, affine, using_bn, last_gamma)
         self.group = group
-
-    def _sync(self) -> Tuple[Optional[object], bool]:
-        return self.group, True

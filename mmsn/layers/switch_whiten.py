@@ -80,19 +80,15 @@ class SwitchWhiten2d(SwitchableLayer):
             return mean_ratio, mean_ratio
         return mean_ratio, F.softmax(_at_least_float32(self.sw_var_weight), 0)
 
-    def _sync(self) -> Tuple[Optional[object], bool]:
-        return None, False
-
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         var_logits = self.sw_mean_weight if self.tie_weight else self.sw_var_weight
-        group, sync = self._sync()
         return switch_whiten(
             x, self.sw_mean_weight, var_logits, self.weight, self.bias, self.running_mean,
             self.running_cov, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
-            num_pergroup=self.num_pergroup, sw_type=self.sw_type, iterations=self.T,
-            momentum=self.momentum, eps=self.eps, method=self.method, process_group=group,
-            sync=sync, logits=True)
+            num_pergroup=self.num_pergroup, sw_type=self.sw_type, T=self.T,
+            momentum=self.momentum, eps=self.eps, method=self.method, sync=self.sync_group(),
+            logits=True)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, num_pergroup={self.num_pergroup}, sw_type={self.sw_type}, '
@@ -112,12 +108,11 @@ class SyncSwitchWhiten2d(SwitchWhiten2d):
         **kwargs: as for :class:`SwitchWhiten2d`.
     """
 
+    synchronized = True
+
     def __init__(self, num_features: int, num_pergroup: int = 16, sw_type: int = 2, T: int = 5,
                  tie_weight: bool = False, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, method: str = 'newton', group: Optional[object] = None):
         super().__init__(num_features, num_pergroup, sw_type, T, tie_weight, eps, momentum,
                          affine, method)
         self.group = group
-
-    def _sync(self) -> Tuple[Optional[object], bool]:
-        return self.group, True

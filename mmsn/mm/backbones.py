@@ -19,7 +19,6 @@ from torch import nn
 from ..layers.placement import resolve_placement
 
 
-
 def _num_channels(layer: nn.Module, path: str) -> int:
     for attr in ('num_features', 'num_channels'):
         if isinstance(getattr(layer, attr, None), int):

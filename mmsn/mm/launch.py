@@ -269,7 +269,8 @@ def _log(line: str) -> None:
 def apply_norm_options(cfg, args):
     """Applies ``--norm`` and ``--batch-size``; returns the model config as it was (for
     :func:`report_switched_model`), or None without ``--norm``."""
-    from .norm_switch import scale_batch_size, switch_config_norm
+    from .batch_size import scale_batch_size
+    from .norm_switch import switch_config_norm
     original = None
     given = [flag for flag, value in (('--norm-heads', args.norm_heads),
                                       ('--pretrained', args.pretrained),
@@ -292,7 +293,7 @@ def apply_norm_options(cfg, args):
 def report_switched_model(runner, original, norm: str) -> None:
     """Checks the built model and prints its changed norm modules, one line per path."""
     from mmengine.registry import MODELS
-    from .norm_switch import check_switched, module_changes
+    from .norm_check import check_switched, module_changes
     model = getattr(runner.model, 'module', runner.model)
     check_switched(model, norm)
     if not _is_first_process():

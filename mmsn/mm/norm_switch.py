@@ -10,10 +10,7 @@ dropped on request. It returns a report of every change and every thing left alo
 raises :class:`NormSwitchError`, before anything is trained, where it cannot rewrite the
 model safely. :func:`check_switched` then verifies the built model (no BatchNorm left
 where the switch should have reached), and :func:`module_changes` lists the norm modules
-that changed, one line per module path.
-
-:func:`scale_batch_size` is the ``--batch-size`` companion: per-process batch size with the
-learning rate scaled linearly from the config's own total batch size.
+that changed, one line per module path (both in ``norm_check.py``).
 """
 import copy
 import dataclasses
@@ -21,8 +18,7 @@ import importlib
 import inspect
 import os
 import os.path as osp
-import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
 #: what ``--norm`` takes
@@ -415,97 +411,3 @@ def _point_backbone_at(model, backbone, checkpoint: str, report: NormSwitchRepor
     if model.get('pretrained') is not None:
         model['pretrained'] = None
     report.changes.append(('model.backbone.init_cfg', old, f'StrictPretrained({checkpoint})'))
-
-
-def norm_modules(model) -> Dict[str, str]:
-    """``{module path: class name}`` of every normalization layer of ``model``."""
-    from torch import nn
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from ..layers import SwitchableLayer
-    kinds = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
-             SwitchableLayer)
-    return {name: type(module).__name__ for name, module in model.named_modules()
-            if isinstance(module, kinds)}
-
-
-_NORM_NAME = re.compile(r'(^|\.)(?:bn|sn|ssn|sw|gn|ln|in|norm)(\d*)$')
-
-
-def _slot(path: str) -> str:
-    """A norm's place independent of the abbreviation its type gives its name
-    (``layer1.0.bn1`` and ``layer1.0.sn1`` are the same slot)."""
-    return _NORM_NAME.sub(r'\1norm\2', path)
-
-
-def module_changes(before, after) -> List[str]:
-    """One line per norm module that changed between two builds of a model
-    (``path: old type -> new type``, the path as in ``after``); GN layers whose group count
-    is not 32 say so."""
-    old = {_slot(path): kind for path, kind in norm_modules(before).items()}
-    modules = dict(after.named_modules())
-    lines, seen = [], set()
-    for path, kind in norm_modules(after).items():
-        seen.add(_slot(path))
-        if old.get(_slot(path)) == kind:
-            continue
-        line = f'{path}: {old.get(_slot(path), "none")} -> {kind}'
-        groups = getattr(modules[path], 'num_groups', None)
-        if groups is not None and groups != getattr(modules[path], 'preferred_groups', groups):
-            line += f' ({groups} groups for {modules[path].num_channels} channels)'
-        lines.append(line)
-    lines += [f'{slot}: {kind} -> none' for slot, kind in old.items() if slot not in seen]
-    return lines
-
-
-def check_switched(model, norm: str) -> None:
-    """Raises :class:`NormSwitchError` when BatchNorm layers remain in a model switched to
-    SN, SyncSN or GN (a module that builds its norms without the config's ``norm_cfg``)."""
-    if norm not in ('SN', 'SyncSN', 'GN'):
-        return
-    left = [path for path, kind in norm_modules(model).items() if 'BatchNorm' in kind]
-    if left:
-        raise NormSwitchError(f'--norm {norm}: {len(left)} BatchNorm layers are built without '
-                              f'the config\'s norm_cfg and would stay BatchNorm: '
-                              f'{", ".join(left[:8])}' + (' ...' if len(left) > 8 else ''))
-
-
-_PROCESSES_IN_NAME = re.compile(r'_(\d+)xb(\d+)[-_]')
-
-
-def base_batch_size(cfg, config_name: str = '') -> Tuple[int, str]:
-    """The config's own total batch size, and where it came from:
-    ``auto_scale_lr.base_batch_size``, else its dataloader batch size times the process
-    count its name states (e.g. ``4xb4``)."""
-    base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
-    if base is not None:
-        return base, 'auto_scale_lr.base_batch_size'
-    per_process = cfg.train_dataloader.batch_size
-    match = _PROCESSES_IN_NAME.search(osp.basename(config_name) + '_')
-    if match is None:
-        raise ValueError(f'--batch-size: the config has no auto_scale_lr.base_batch_size and '
-                         f'its name {osp.basename(config_name)!r} states no process count '
-                         '(e.g. 4xb4): its total batch size is unknown')
-    return (int(match.group(1)) * per_process,
-            f'{match.group(1)} processes (name) x {per_process}')
-
-
-def scale_batch_size(cfg, batch_size: int, world_size: int,
-                     config_name: str = '') -> str:
-    """Sets the per-process training batch size and scales the learning rate linearly from
-    the config's own total batch size (:func:`base_batch_size`).
-
-    Returns:
-        str: what it did, for the log.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f'batch_size: expected a positive int, got {batch_size!r}')
-    base, how = base_batch_size(cfg, config_name)
-    total = batch_size * world_size
-    optimizer = cfg.optim_wrapper.optimizer
-    old_lr = optimizer.lr
-    optimizer.lr = old_lr * total / base
-    cfg.train_dataloader.batch_size = batch_size
-    if cfg.get('auto_scale_lr') is not None:
-        cfg.auto_scale_lr.enable = False  # scaled here, once
-    return (f'--batch-size {batch_size}: {world_size} x {batch_size} = {total} images per '
-            f'step (config: {base}, from {how}); lr {old_lr:g} -> {optimizer.lr:g}')

@@ -1,11 +1,15 @@
 """Functional ops: backend dispatch for the layers.
 
 ``switch_norm`` runs on the Triton kernels for CUDA tensors (when triton is installed) and on
-the pure-PyTorch reference otherwise. ``MMSN_BACKEND=torch`` (read once, at import) or
-``set_backend('torch')`` / ``use_backend('torch')`` forces the reference, ``'triton'`` the
-kernels (with ``TRITON_INTERPRET=1`` they then run on CPU tensors, which is how the tests
-check them without a GPU). ``switch_whiten`` dispatches
-the same way for groups of 16, 32 or 64 channels.
+the pure-PyTorch reference otherwise; ``switch_whiten`` the same way for groups of 16, 32 or
+64 channels. ``MMSN_BACKEND=torch`` (read once, at import) or ``set_backend('torch')`` /
+``use_backend('torch')`` forces the reference, ``'triton'`` the kernels (with
+``TRITON_INTERPRET=1`` they then run on CPU tensors, which is how the tests check them
+without a GPU); otherwise each call chooses from its tensor's device.
+
+Each op's fast path lives in one module named after it, ``triton_switch_norm.py`` and
+``triton_switch_whiten.py`` (the launches, the autograd Function, the custom ops), beside
+``launching.py`` (what every launch shares) and ``reference.py`` (the oracle).
 
 Under ``torch.compile`` the default is the reference, which inductor turns into its own fused
 kernels and can fuse with the neighbouring ReLU or residual add (a custom op is opaque to
@@ -25,6 +29,7 @@ import warnings
 from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from .distributed import all_gather_parts, sync_world_size
 from .moments import merge_covariance_moments, merge_moments
@@ -34,9 +39,8 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton, r
 BACKENDS = ('torch', 'triton')
 
 if hasattr(torch.library, 'custom_op'):  # the kernels' ops need torch >= 2.4
-    from .library import sw_kernels_refuse
-    from .triton_switch_norm import switch_norm_triton
-    from .triton_switch_whiten import switch_whiten_triton
+    from .triton_switch_norm import SNConfig, switch_norm_triton
+    from .triton_switch_whiten import SWConfig, sw_kernels_refuse, switch_whiten_triton
 
 
 # Looked up once, at import: backend_for runs in every SN/SW forward (and under dynamo).
@@ -134,27 +138,44 @@ def backend_for(x) -> str:
     return 'torch'
 
 
-def switch_norm(x, mean_weight, var_weight, *args, logits: bool = True, **kwargs):
-    """Switchable Normalization on the backend :func:`backend_for` picks. ``mean_weight``
-    and ``var_weight`` are the ratio logits (``logits``; softmax in at least float32) or
-    the ratios themselves; the other arguments as for
-    :func:`~mmsn.ops.reference.switch_norm_reference`."""
+def switch_norm(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                use_batch_stats: bool, momentum: Optional[float], eps: float,
+                sync: Optional[object] = None, logits: bool = True) -> Tensor:
+    """Switchable Normalization on the backend :func:`backend_for` picks.
+
+    ``mean_weight`` and ``var_weight`` are the ratio logits (``logits``; softmax in at least
+    float32) or the ratios themselves; ``sync`` the process group whose whole batch the BN
+    branch pools (None: this process's). The other arguments as for
+    :func:`~mmsn.ops.reference.switch_norm_reference`.
+    """
     if backend_for(x) == 'triton':
-        return switch_norm_triton(x, mean_weight, var_weight, *args, logits=logits,
-                                  compiling=_compiling(), **kwargs)
-    return switch_norm_reference(x, ratios_of(mean_weight, logits),
-                                 ratios_of(var_weight, logits), *args, **kwargs)
+        config = SNConfig(use_batch_stats, momentum, eps, logits, sync)
+        return switch_norm_triton(x, mean_weight, var_weight, weight, bias, running_mean,
+                                  running_var, num_batches_tracked, config,
+                                  compiling=_compiling())
+    return switch_norm_reference(x, ratios_of(mean_weight, logits), ratios_of(var_weight, logits),
+                                 weight, bias, running_mean, running_var, num_batches_tracked,
+                                 use_batch_stats, momentum, eps, sync)
 
 
-def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bool = False,
-                  method: str = 'newton', **kwargs):
-    """Switchable Whitening on the backend :func:`backend_for` picks. ``mean_ratio`` and
-    ``var_ratio`` are the ratios, or their logits with ``logits`` (softmax in at least
-    float32); the other arguments as for
+def switch_whiten(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], running_mean: Optional[Tensor],
+                  running_cov: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                  use_batch_stats: bool, num_pergroup: int, sw_type: int, T: int,
+                  momentum: Optional[float], eps: float, method: str = 'newton',
+                  sync: Optional[object] = None, logits: bool = True) -> Tensor:
+    """Switchable Whitening on the backend :func:`backend_for` picks.
+
+    ``mean_weight`` and ``var_weight`` are the ratio logits (``logits``; softmax in at least
+    float32) or the ratios themselves; ``sync`` the process group whose whole batch the BW
+    branch pools (None: this process's). The other arguments as for
     :func:`~mmsn.ops.reference.switch_whiten_reference`. The kernels take groups of 16, 32
     or 64 channels (float64 at 16 or 32) and Newton's iteration: other calls use the
     reference, and raise when ``MMSN_BACKEND=triton`` forces the kernels
-    (:func:`~mmsn.ops.library.sw_kernels_refuse`)."""
+    (:func:`~mmsn.ops.triton_switch_whiten.sw_kernels_refuse`).
+    """
     backend = backend_for(x)
     if backend == 'triton':
         refusal = sw_kernels_refuse(num_pergroup, method, x.dtype)
@@ -164,12 +185,14 @@ def switch_whiten(x, mean_ratio, var_ratio, *args, num_pergroup: int, logits: bo
         if refusal:
             backend = 'torch'
     if backend == 'triton':
-        return switch_whiten_triton(x, mean_ratio, var_ratio, *args, num_pergroup=num_pergroup,
-                                    method=method, logits=logits, compiling=_compiling(),
-                                    **kwargs)
-    return switch_whiten_reference(x, ratios_of(mean_ratio, logits),
-                                   ratios_of(var_ratio, logits), *args,
-                                   num_pergroup=num_pergroup, method=method, **kwargs)
+        config = SWConfig(use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits, sync)
+        return switch_whiten_triton(x, mean_weight, var_weight, weight, bias, running_mean,
+                                    running_cov, num_batches_tracked, config, method=method,
+                                    compiling=_compiling())
+    return switch_whiten_reference(
+        x, ratios_of(mean_weight, logits), ratios_of(var_weight, logits), weight, bias,
+        running_mean, running_cov, num_batches_tracked, use_batch_stats, num_pergroup, sw_type,
+        T, momentum, eps, method, sync)
 
 
 __all__ = [

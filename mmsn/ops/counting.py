@@ -51,12 +51,12 @@ class DeviceWork:
         self.launches, self.aten = Counter(), Counter()
         self.allocations, self.host_syncs = Counter(), Counter()
 
-    def _observe(self, kernel, grid, args, options) -> bool:
+    def _observe(self, kernel, grid, arguments) -> bool:
         self.launches[getattr(kernel, 'fn', kernel).__name__] += 1
         return self.run_launches
 
     def __enter__(self) -> 'DeviceWork':
-        from .library import observe_launches
+        from .launching import observe_launches
         self._observing = observe_launches(self._observe)
         self._observing.__enter__()
         self._dispatched = _Dispatched(self)

@@ -14,6 +14,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def default_group() -> Optional[object]:
+    """The world's process group, or None before torch.distributed is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.group.WORLD
+
+
 def sync_world_size(group: Optional[object] = None) -> int:
     """World size of ``group``, or 1 when torch.distributed is not initialised."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -58,16 +58,15 @@ def pooled_moments(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]
 
 
 def batch_moments(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
-                  process_group: Optional[object] = None,
-                  sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                  sync: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """BN moments per channel from the IN moments, optionally over all ranks of a group.
 
     Args:
         mean_in (Tensor): ``(N, C)`` instance means (N may be 0 on some ranks when synced).
         var_in (Tensor): ``(N, C)`` instance variances.
         numel_per_instance (int): elements per (n, c), i.e. the spatial size.
-        process_group (optional): the group to synchronize over. Defaults to the world.
-        sync (bool): reduce over the group (when one is initialised with more than one rank).
+        sync (ProcessGroup, optional): reduce over this group's ranks (when it has more
+            than one); None: this process's batch alone.
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: mean ``(C,)``, population variance ``(C,)`` and the
@@ -79,11 +78,11 @@ def batch_moments(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
         mean, var = (t.squeeze(0) for t in pooled_moments(mean_in, var_in, 0))
     else:
         mean = var = mean_in.new_zeros(mean_in.shape[1])
-    if not sync or sync_world_size(process_group) == 1:
+    if sync is None or sync_world_size(sync) == 1:
         return mean, var, local_count
     channels = mean.shape[0]
     part = torch.cat([local_count.reshape(1), mean, var * local_count])
-    parts = all_gather_parts(part, process_group)
+    parts = all_gather_parts(part, sync)
     count, mean, m2 = merge_moments(parts[:, :1], parts[:, 1:1 + channels],
                                     parts[:, 1 + channels:], dim=0)
     total = count[0]
@@ -96,8 +95,7 @@ def switch_norm_coefficients(mean_in: Tensor, var_in: Tensor, numel_per_instance
                              running_var: Optional[Tensor],
                              num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
                              momentum: Optional[float], eps: float,
-                             process_group: Optional[object] = None,
-                             sync: bool = False) -> Tuple[Tensor, Tensor]:
+                             sync: Optional[object] = None) -> Tuple[Tensor, Tensor]:
     """SN's per-(n, c) affine map from the instance moments: ``y = x * scale + shift``.
 
     The small step between the statistics pass and the normalize pass, shared by the
@@ -116,8 +114,7 @@ def switch_norm_coefficients(mean_in: Tensor, var_in: Tensor, numel_per_instance
     var = var_ratio[0] * var_in + var_ratio[1] * var_ln
     if has_bn:
         if use_batch_stats:
-            mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance,
-                                                   process_group, sync)
+            mean_bn, var_bn, count = batch_moments(mean_in, var_in, numel_per_instance, sync)
             if running_mean is not None:
                 update_running_statistics(running_mean, running_var, mean_bn, var_bn, count,
                                           momentum, num_batches_tracked)
@@ -141,8 +138,7 @@ def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
                           num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
                           momentum: Optional[float], eps: float,
-                          process_group: Optional[object] = None,
-                          sync: bool = False) -> Tensor:
+                          sync: Optional[object] = None) -> Tensor:
     """Switchable Normalization, the reference path.
 
     Args:
@@ -159,8 +155,8 @@ def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
         use_batch_stats (bool): BN branch from the batch (training) or from the buffers.
         momentum (float, optional): PyTorch convention; None is the cumulative average.
         eps (float): added to the mixed variance.
-        process_group (optional): group for the synchronized BN branch.
-        sync (bool): synchronize the BN branch over the group.
+        sync (ProcessGroup, optional): the group whose whole batch the BN branch pools
+            (synchronized layers); None: this process's batch.
 
     Returns:
         Tensor: the normalized input, same shape, dtype and memory format as ``x``.
@@ -169,15 +165,14 @@ def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
     mean_in, var_in = instance_moments(x)
     scale, shift = switch_norm_coefficients(
         mean_in, var_in, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
-        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps,
-        process_group, sync)
+        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, sync)
     view = (num_samples, channels) + (1,) * (x.dim() - 2)
     # One pass over x: y = x * scale + shift, computed in the statistics dtype.
     y = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
     return y.to(x.dtype)
 
 
-def inverse_sqrt_newton(cov: Tensor, iterations: int) -> Tensor:
+def inverse_sqrt_newton(cov: Tensor, T: int) -> Tensor:
     """``cov^{-1/2}`` by Newton's iteration on the trace-normalised matrix (SW Eqn. 7).
 
     ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2`` with ``Sigma_N = Sigma / tr``;
@@ -187,7 +182,7 @@ def inverse_sqrt_newton(cov: Tensor, iterations: int) -> Tensor:
     cov_n = cov / trace
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
     p = eye
-    for _ in range(iterations):
+    for _ in range(T):
         p3 = torch.matmul(torch.matmul(p, p), p)
         p = 1.5 * p - 0.5 * torch.matmul(p3, cov_n)
     return p * torch.rsqrt(trace)
@@ -205,16 +200,15 @@ SW_STATISTICS = {2: ('bw', 'iw'), 3: ('bw', 'iw', 'ln'), 5: ('bw', 'iw', 'bn', '
 
 
 def group_batch_moments(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int,
-                        process_group: Optional[object] = None,
-                        sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                        sync: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Batch (BW) mean ``(G, c)`` and population covariance ``(G, c, c)`` from IW moments."""
     num_samples = mean_iw.shape[0]
     groups, c = mean_iw.shape[1:]
     counts = mean_iw.new_full((num_samples,), float(numel_per_instance))
     local_count, mean, m2 = merge_covariance_moments(counts, mean_iw, cov_iw * numel_per_instance)
-    if sync and sync_world_size(process_group) > 1:
+    if sync is not None and sync_world_size(sync) > 1:
         part = torch.cat([local_count.reshape(1), mean.reshape(-1), m2.reshape(-1)])
-        parts = all_gather_parts(part, process_group)
+        parts = all_gather_parts(part, sync)
         size = groups * c
         local_count, mean, m2 = merge_covariance_moments(
             parts[:, 0], parts[:, 1:1 + size].reshape(-1, groups, c),
@@ -239,10 +233,9 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
                                weight: Optional[Tensor], bias: Optional[Tensor],
                                running_mean: Optional[Tensor], running_cov: Optional[Tensor],
                                num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
-                               sw_type: int, iterations: int, momentum: Optional[float],
+                               sw_type: int, T: int, momentum: Optional[float],
                                eps: float, method: str = 'newton',
-                               process_group: Optional[object] = None,
-                               sync: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                               sync: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """SW's per-(n, group) affine map from the IW moments:
     ``y = matrix @ (x - centre) + shift`` on each group of channels.
 
@@ -258,8 +251,7 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     num_samples, groups, c = mean_iw.shape
     dtype = mean_iw.dtype
     if use_batch_stats:
-        mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel_per_instance,
-                                                     process_group, sync)
+        mean_bw, cov_bw, count = group_batch_moments(mean_iw, cov_iw, numel_per_instance, sync)
         if running_mean is not None:
             update_running_statistics(running_mean, running_cov, mean_bw[..., None], cov_bw,
                                       count, momentum, num_batches_tracked)
@@ -289,7 +281,7 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     cov = sum(var_ratio[i] * stats_cov[k] for i, k in enumerate(SW_STATISTICS[sw_type]))
     cov = cov + eps * eye
     if method == 'newton':
-        whitening = inverse_sqrt_newton(cov, iterations)
+        whitening = inverse_sqrt_newton(cov, T)
     elif method == 'eigh':
         whitening = inverse_sqrt_eigh(cov)
     else:
@@ -305,10 +297,9 @@ def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
                             weight: Optional[Tensor], bias: Optional[Tensor],
                             running_mean: Optional[Tensor], running_cov: Optional[Tensor],
                             num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
-                            num_pergroup: int, sw_type: int, iterations: int,
+                            num_pergroup: int, sw_type: int, T: int,
                             momentum: Optional[float], eps: float, method: str = 'newton',
-                            process_group: Optional[object] = None,
-                            sync: bool = False) -> Tensor:
+                            sync: Optional[object] = None) -> Tensor:
     """Switchable Whitening, the reference path.
 
     Args:
@@ -322,12 +313,12 @@ def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
         use_batch_stats (bool): BW/BN from the batch (training) or from the buffers.
         num_pergroup (int): channels per whitening group ``c``.
         sw_type (int): 2, 3 or 5 (see ``SW_STATISTICS``).
-        iterations (int): Newton iterations ``T``.
+        T (int): Newton's iterations.
         momentum (float, optional): PyTorch convention; None is the cumulative average.
         eps (float): added to the diagonal of the mixed covariance.
         method (str): 'newton' (the paper's) or 'eigh' (exact).
-        process_group (optional): group for the synchronized BW branch.
-        sync (bool): synchronize the BW branch over the group.
+        sync (ProcessGroup, optional): the group whose whole batch the BW branch pools
+            (synchronized layers); None: this process's batch.
 
     Returns:
         Tensor: the whitened input, same shape, dtype and memory format as ``x``.
@@ -336,8 +327,8 @@ def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
     mean_iw, cov_iw = group_instance_moments(x, num_pergroup)
     matrix, centre, shift = switch_whiten_coefficients(
         mean_iw, cov_iw, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
-        running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type, iterations,
-        momentum, eps, method, process_group, sync)
+        running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type, T,
+        momentum, eps, method, sync)
     xg = x.to(mean_iw.dtype).reshape(mean_iw.shape + (math.prod(x.shape[2:]),))
     y = torch.matmul(matrix, xg - centre[..., None]) + shift[..., None]
     return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     add_trust_option(parser)
     args = parser.parse_args(argv)
     from mmsn.analysis import ratios_from_state_dict
-    from mmsn.deploy import harden_state_dict
+    from mmsn.hard_ratios import harden_state_dict
     try:
         checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu',
                                          trusted=args.trust_checkpoint)

@@ -67,7 +67,7 @@ def run_config(config: str, options: Dict, images: Optional[int], largest: int, 
     """Writes the run's config (``options`` merged; its iterations, schedule and checkpoint
     interval for ``images`` training images) to ``out`` and returns its iteration plan."""
     from mmengine.config import Config
-    from mmsn.mm.norm_switch import base_batch_size
+    from mmsn.mm.batch_size import base_batch_size
     cfg = Config.fromfile(config)
     cfg.merge_from_dict(options)
     loop = cfg.train_cfg

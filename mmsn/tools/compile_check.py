@@ -2,7 +2,7 @@
 
 Triton's interpreter runs the kernels on the CPU but compiles nothing, so it cannot show
 compile errors, register pressure, spills or grids a GPU refuses. This module replays layer
-calls plan-only (through :func:`~mmsn.ops.library.observe_launches`: the real planning
+calls plan-only (through :func:`~mmsn.ops.launching.observe_launches`: the real planning
 code, no kernel run, tensors allocated but never touched), binds each launch exactly as
 Triton's launcher binds it, compiles every distinct one with ``triton.compile`` for a
 ``GPUTarget`` and reads registers, stack and local memory from the cubin with the
@@ -34,7 +34,7 @@ over what a block may opt into (A100 163 KiB, H100 227 KiB: Triton opts into the
 maximum); a grid over CUDA's limits (x < 2^31, y and z <= 65535; Triton's launcher also
 multiplies the three in a C ``int`` and skips the launch when that is not positive).
 
-Register budget (``register_budget`` in ``mmsn/ops/library.py``; each launch passes ptxas
+Register budget (``register_budget`` in ``mmsn/ops/launching.py``; each launch passes ptxas
 the most registers a block allows, ``register_cap``, so the budget is checked here, not
 imposed), and why: the streaming passes are memory-bound and need many bytes in
 flight per SM; at 128 registers per thread an SM holds 512 threads (16 warps, a quarter of
@@ -48,8 +48,8 @@ Compiles run in ``--workers`` processes; each result is kept next to Triton's ca
 (``<triton cache dir>/mmsn-aot``), keyed by the kernel's source hash (Triton's, with the
 functions it calls), the launch key, the architecture and Triton's version, so a warm run
 compiles nothing. It must run in a process without ``TRITON_INTERPRET=1`` (the kernels must
-be JITFunctions): ``python -m mmsn.ops.aot --help``. Uses Triton internals (the launcher's
-binder), pinned by ``tests/test_kernel_resources.py``.
+be JITFunctions): ``python -m mmsn.tools.compile_check --help``. Uses Triton internals (the
+launcher's binder), pinned by ``tests/test_kernel_resources.py``.
 """
 import argparse
 import hashlib
@@ -68,7 +68,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .library import BLOCK_REGISTERS, MIXING_REGISTERS, register_budget
+from mmsn.ops.launching import BLOCK_REGISTERS, MIXING_REGISTERS, register_budget
 
 ARCHITECTURES = (80, 90)
 #: the SMs of the GPU each architecture is planned for: A100 (sm_80), H100 (sm_90)
@@ -104,7 +104,7 @@ def grid_problem(grid: Sequence[int]) -> Optional[str]:
 class LaunchSet:
     """The distinct launches seen while planning, each bound as Triton's launcher binds it.
 
-    Use :meth:`observe` as the observer of :func:`~mmsn.ops.library.observe_launches`
+    Use :meth:`observe` as the observer of :func:`~mmsn.ops.launching.observe_launches`
     (it returns False: plan only); set :attr:`case` to name what is being planned.
 
     Attributes:
@@ -123,10 +123,11 @@ class LaunchSet:
         self._binders = {}
         self._backend = None
 
-    def observe(self, kernel, grid, args, options) -> bool:
+    def observe(self, kernel, grid, arguments) -> bool:
         import triton
         if not isinstance(kernel, triton.runtime.jit.JITFunction):
-            raise RuntimeError('mmsn.ops.aot needs compiled kernels: unset TRITON_INTERPRET')
+            raise RuntimeError('mmsn.tools.compile_check needs compiled kernels: unset '
+                               'TRITON_INTERPRET')
         if self._backend is None:
             from triton.backends.compiler import GPUTarget
             from triton.compiler import make_backend
@@ -135,11 +136,12 @@ class LaunchSet:
             from triton.runtime.jit import create_function_from_signature
             self._binders[kernel] = create_function_from_signature(
                 kernel.signature, kernel.params, self._backend)
-        bound, specialization, parsed = self._binders[kernel](*args, **options)
-        _, signature, constexprs, attrs = kernel._pack_args(self._backend, options, bound,
+        bound, specialization, parsed = self._binders[kernel](**arguments)
+        _, signature, constexprs, attrs = kernel._pack_args(self._backend, arguments, bound,
                                                             specialization, parsed)
         self.count += 1
-        compile_options = {k: options[k] for k in COMPILE_OPTIONS if options.get(k) is not None}
+        compile_options = {k: arguments[k] for k in COMPILE_OPTIONS
+                           if arguments.get(k) is not None}
         self.launches.setdefault(launch_key(kernel, signature, constexprs, attrs,
                                             compile_options),
                                  dict(kernel=kernel, signature=signature, constexprs=constexprs,
@@ -169,7 +171,7 @@ def launch_key(kernel, signature, constexprs, attrs, compile_options) -> tuple:
 
 def _forced_kernels():
     """The kernels forced inside (the previous backend restored after)."""
-    from . import use_backend
+    from mmsn.ops import use_backend
     return use_backend('triton')
 
 
@@ -178,7 +180,7 @@ def _forced_kernels():
 def replay_plan_only(record: dict, dtype: str, rank: int = 0) -> None:
     """One recorded call (``mmsn/norm_calls.py``) forward and, where it had one, backward,
     with launches observed but not run."""
-    from ..norm_calls import build_layer, make_input, needs_backward
+    from mmsn.norm_calls import build_layer, make_input, needs_backward
     layer = build_layer(record, dtype)
     x = make_input(record, dtype, rank=rank)
     with torch.set_grad_enabled(needs_backward(record)):
@@ -189,7 +191,7 @@ def replay_plan_only(record: dict, dtype: str, rank: int = 0) -> None:
 
 def _kernel_calls(calls: Iterable[dict]) -> List[dict]:
     """The calls, each with only the dtypes in which it runs on the kernels."""
-    from ..norm_calls import uses_kernels
+    from mmsn.norm_calls import uses_kernels
     kept = [dict(call, dtypes=[d for d in call['dtypes'] if uses_kernels(call, d)])
             for call in calls]
     return [call for call in kept if call['dtypes']]
@@ -215,8 +217,8 @@ LARGEST_MAPS = [
 def plan_largest_maps(architectures: Sequence[int] = ARCHITECTURES) -> Dict[int, LaunchSet]:
     """:data:`LARGEST_MAPS` plan-only, a training step and an eval forward each, on the meta
     device (no memory: the plan needs shapes, strides and addresses only)."""
-    from .. import layers
-    from .library import observe_launches
+    from mmsn import layers
+    from mmsn.ops.launching import observe_launches
     plans = {}
     for arch in architectures:
         launches = plans[arch] = LaunchSet()
@@ -240,7 +242,7 @@ def plan_calls(calls: Sequence[dict], architectures: Sequence[int] = ARCHITECTUR
                ) -> Dict[int, LaunchSet]:
     """Replays ``calls`` plan-only once per architecture (its GPU's SM count); calls of a
     synchronized layer with ``world > 1`` go to :func:`plan_sync_calls`."""
-    from .library import observe_launches
+    from mmsn.ops.launching import observe_launches
     plans = {}
     local = [c for c in _kernel_calls(calls) if c['world'] == 1]
     for arch in architectures:
@@ -286,7 +288,7 @@ def _plan_rank(rank: int, world: int, port: int, calls: List[dict],
     import torch.distributed as dist
     from datetime import timedelta
 
-    from .library import observe_launches
+    from mmsn.ops.launching import observe_launches
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world, timeout=timedelta(seconds=300))
     plans = {}
@@ -374,7 +376,7 @@ def record_launches(kinds: Sequence[str] = KINDS, batches: Sequence[int] = (2, 8
 
 
 def _sweep(kinds, batches, dtypes, layouts, shapes, multiprocessors) -> LaunchSet:
-    from .library import observe_launches
+    from mmsn.ops.launching import observe_launches
     launches = LaunchSet()
     with _forced_kernels(), observe_launches(launches.observe, multiprocessors=multiprocessors):
         for kind in kinds:
@@ -612,7 +614,7 @@ def main(argv=None) -> int:
         parser.error(f'--archs: expected some of {sorted(MULTIPROCESSORS)}, got {unknown}')
     start = time.time()
     if args.calls:
-        from ..norm_calls import load_calls
+        from mmsn.norm_calls import load_calls
         calls = load_calls(args.calls)
         plans = plan_calls(calls, args.archs)
         for arch, launches in plan_largest_maps(args.archs).items():
