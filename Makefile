@@ -8,9 +8,12 @@ PYTEST_ARGS ?=
 env:
 	@bash tools/setup_env.sh
 
+# The suite runs on every core, up to 4 (pytest-xdist; 2 workers on CI's 2 cores): most tests
+# keep one core busy, and the multi-process ones wait on each other's processes. PYTEST_ARGS
+# adds options, e.g. PYTEST_ARGS="-n 0" for one process.
 # pytest exits 5 when it collects nothing (e.g. a -k filter that matches no test): report it
 # loudly but do not count it as a failure.
-PYTEST = $(PYTHON) -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+PYTEST = $(PYTHON) -m pytest -n auto --maxprocesses 4 --dist worksteal $(1) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; rc=0; fi; exit $$rc
 
 # The whole suite (what CI runs).

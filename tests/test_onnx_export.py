@@ -17,7 +17,8 @@ ort = pytest.importorskip('onnxruntime')
 
 from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d,  # noqa: E402
                   SyncSparseSwitchNorm2d, SyncSwitchNorm, SyncSwitchWhiten2d)
-from mmsn.deploy import deploy_hard_switchable, harden_ratios  # noqa: E402
+from mmsn.deploy import deploy_hard_switchable  # noqa: E402
+from mmsn.hard_ratios import harden_ratios  # noqa: E402
 from mmsn.layers import SwitchableLayer  # noqa: E402
 from mmsn.mm.onnx_export import (DEFAULT_ATOL, DEFAULT_RTOL, OnnxExportError,  # noqa: E402
                                  build_model, check_standard_domains, compare_with_onnxruntime,
