@@ -21,18 +21,18 @@ Backward, from ``g_dy = sum dy`` and ``g_dyc = sum dy (x - mean_in)`` of each (n
     d_var   = -d_scale gamma r^3 / 2               d_p[k] = sum d_mean stat_k, d_q likewise
     d_mean_ln[n] = p1 sum_c d_mean,  d_var_ln[n] = q1 sum_c d_var   (BN: p2, q2, sum_n)
     d_mean_in = p0 d_mean + d_mean_ln / C + d_var_ln 2 (mean_in - mean_ln) / C
-                + (d_mean_bn + d_var_bn 2 (mean_in - mean_bn)) L / T
-    d_var_in  = q0 d_var + d_var_ln / C + d_var_bn L / T
+                + (d_mean_bn + d_var_bn 2 (mean_in - mean_bn)) L / M
+    d_var_in  = q0 d_var + d_var_ln / C + d_var_bn L / M
     dx = dy scale + (x - mean_in) a + b  with  a = 2 d_var_in / L,  b = d_mean_in / L
 
-where ``T`` is the element count behind the BN moments (``N L``, or the sum over ranks). The
+where ``M`` is the element count behind the BN moments (``N L``, or the sum over ranks). The
 softmax is differentiated as ``d_logit = p (d_p - sum p d_p)``.
 
 Synchronized layers run each kernel in two stages around their collective: STAGE 1 before it
 (forward: the local packed moments ``[count, mean (C), m2 (C)]``; backward: the gradients of
 the BN moments, to be all-reduced), STAGE 2 after it; STAGE 0 does both without one.
 
-``stats`` holds ``[mean_ln (N), var_ln (N), mean_bn (C), var_bn (C), T]`` in the accumulation
+``stats`` holds ``[mean_ln (N), var_ln (N), mean_bn (C), var_bn (C), M]`` in the accumulation
 dtype; the backward's ``grad_stats`` holds the gradients of the first four.
 """
 import inspect

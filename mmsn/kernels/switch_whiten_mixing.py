@@ -31,8 +31,8 @@ Backward, between the ``dy`` sums pass (``G = sum dy (x - m)^T``, ``s = sum dy``
   samples; all-reduced between this kernel and the next by synchronized layers), gamma's
   and beta's, and (program 0) the ratio logits' over every instance;
 * ``_sw_input_coefficients_kernel`` per (n, g): the gradient of the IW moments, as
-  ``A = (dSigma + dSigma^T) / L`` and ``v = dmu / L``. With ``T`` elements behind the BW
-  moments (``N L``, or the sum over ranks) and ``w = L / T``::
+  ``A = (dSigma + dSigma^T) / L`` and ``v = dmu / L``. With ``M`` elements behind the BW
+  moments (``N L``, or the sum over ranks) and ``w = L / M``::
 
       dmu_n    = (p_iw + p_in) dm + dmean_ln / C + dvar_ln 2 (mu_n - mean_ln) / C
                  + w (dmu_B + (D + D^T)(mu_n - mu_B))

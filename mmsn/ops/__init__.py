@@ -151,7 +151,9 @@ def switch_norm(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Opti
     :func:`~mmsn.ops.reference.switch_norm_reference`.
     """
     if backend_for(x) == 'triton':
-        config = SNConfig(use_batch_stats, momentum, eps, logits, sync)
+        # (per call: train()/eval() and the process group change after a layer is built)
+        config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
+                          logits=logits, sync=sync)
         return switch_norm_triton(x, mean_weight, var_weight, weight, bias, running_mean,
                                   running_var, num_batches_tracked, config,
                                   compiling=_compiling())
@@ -185,7 +187,9 @@ def switch_whiten(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Op
         if refusal:
             backend = 'torch'
     if backend == 'triton':
-        config = SWConfig(use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits, sync)
+        config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
+                          sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits,
+                          sync=sync)
         return switch_whiten_triton(x, mean_weight, var_weight, weight, bias, running_mean,
                                     running_cov, num_batches_tracked, config, method=method,
                                     compiling=_compiling())

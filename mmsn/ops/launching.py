@@ -170,7 +170,6 @@ def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like).copy_(t3)
 
 
-
 def split_reduction(programs: int, length: int, block: int,
                     device: torch.device) -> Tuple[int, int]:
     """``(splits, chunk)``: a reduction over ``length`` positions by ``programs`` programs is
@@ -200,3 +199,9 @@ def _device_programs_to_fill(device: torch.device) -> int:
 def has_work(*sizes: int) -> bool:
     return math.prod(sizes) > 0
 
+
+def no_running_statistics(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The custom ops' running-statistics outputs for a layer without buffers: empty tensors
+    (an op's outputs cannot be None)."""
+    return (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32),
+            x.new_empty(0, dtype=torch.long))

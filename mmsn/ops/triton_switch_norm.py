@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .distributed import sync_world_size
 from .launching import (accumulator, as_ncl, cdiv, flat_grid, has_work, in_layout_of, launch,
-                        next_pow2, positions, split_reduction, strides, viewable)
+                        next_pow2, no_running_statistics, positions, split_reduction, strides,
+                        viewable)
 from .reference import ratios_of, stats_dtype, switch_norm_reference
 
 
@@ -107,7 +108,6 @@ class SNPlan:
         warps = max(1, min(16, self.block_c * self.block_l // per_thread))
         return dict(BLOCK_C=self.block_c, BLOCK_L=self.block_l, ACC=accumulator(dtype),
                     POSITIONS=self.positions, num_warps=warps)
-
 
 
 def _mixing_plan(n: int, c: int, backward: bool = False) -> dict:
@@ -310,11 +310,6 @@ class _SwitchNormFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------- torch.compile: custom ops
 
-def _no_running(x: Tensor):
-    """The op's running-statistics outputs for a layer without buffers: empty tensors."""
-    return (x.new_empty(0, dtype=torch.float32),) * 2 + (x.new_empty(0, dtype=torch.long),)
-
-
 @torch.library.custom_op('mmsn::sn_forward', mutates_args=())
 def _sn_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                    weight: Optional[Tensor], bias: Optional[Tensor],
@@ -326,11 +321,12 @@ def _sn_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
     caller copies them into the buffers), as custom ops with autograd may not mutate."""
     if running_mean is None:
         running = updated = None
-        new = _no_running(x)
+        new = no_running_statistics(x)
     else:
         running = (running_mean, running_var, num_batches_tracked)
         new = updated = tuple(t.clone() for t in running)
-    config = SNConfig(use_batch_stats, momentum, eps, logits)
+    config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
+                      logits=logits)
     y, saved = sn_forward(x, mean_weight, var_weight, weight, bias, running, config,
                           updated=updated)
     return (y,) + tuple(saved) + new
@@ -342,7 +338,7 @@ def _(x, mean_weight, var_weight, weight, bias, running_mean, running_var, num_b
     n, c = x.shape[:2]
     dtype = stats_dtype(x)
     nc = x.new_empty((n, c), dtype=dtype)
-    running = _no_running(x) if running_mean is None else \
+    running = no_running_statistics(x) if running_mean is None else \
         (torch.empty_like(running_mean), torch.empty_like(running_var),
          torch.empty_like(num_batches_tracked))
     return (torch.empty_like(x), nc, torch.empty_like(nc), x.new_empty(2 * n + 2 * c + 1,
@@ -355,7 +351,7 @@ def _sn_backward_op(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stat
                     scale: Tensor, mean_weight: Tensor, var_weight: Tensor,
                     weight: Optional[Tensor], use_batch_stats: bool, eps: float, logits: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    config = SNConfig(use_batch_stats, None, eps, logits)
+    config = SNConfig(use_batch_stats=use_batch_stats, momentum=None, eps=eps, logits=logits)
     dx, d_mean_weight, d_var_weight, d_weight, d_bias = sn_backward(
         dy, x, mean_weight, var_weight, weight, SNSaved(mean_in, var_in, stats, scale), config)
     if weight is None:
@@ -377,7 +373,8 @@ def _sn_op_setup(ctx, inputs, output):
     ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, *output[1:5])
     ctx.mark_non_differentiable(*output[1:])
     use_batch_stats, momentum, eps, logits = inputs[8:]
-    ctx.config = SNConfig(use_batch_stats, momentum, eps, logits)
+    ctx.config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
+                          logits=logits)
 
 
 def _sn_op_backward(ctx, dy, *unused):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .distributed import sync_world_size
 from .launching import (accumulator, as_groups, block_size, cdiv, flat_grid, has_work, launch,
-                        positions, split_reduction, strides, viewable)
+                        no_running_statistics, positions, split_reduction, strides, viewable)
 from .reference import ratios_of, stats_dtype, switch_whiten_reference
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
@@ -50,7 +50,6 @@ def sw_kernels_refuse(num_pergroup: int, method: str, dtype: torch.dtype) -> Opt
         return ('input: the kernels take float64 at 16 or 32 channels per group, got float64 '
                 'at 64 (the reference serves it)')
     return None
-
 
 
 #: (positions per tile, warps) of each SW pass by channels per group. The IEEE-float32
@@ -143,14 +142,15 @@ class SWSaved(NamedTuple):
     """What :func:`sw_forward` keeps for :func:`sw_backward` besides the inputs."""
     mean: Tensor    #: ``(N, G, c)`` IW means
     cov: Tensor     #: ``(N, G, c, c)`` IW covariances
-    batch: Tensor   #: ``[mu_B, Sigma_B, T]`` as used (:func:`batch_moments_views`)
+    #: ``[mu_B, Sigma_B, M]`` as used, M the element count (:func:`batch_moments_views`)
+    batch: Tensor
     matrix: Tensor  #: ``(N, G, c, c)`` the whitening pass's matrix
     centre: Tensor  #: ``(N, G, c)`` the whitening pass's centre
 
 
 def batch_moments_views(batch: Tensor, groups: int, c: int) -> Tuple[Tensor, Tensor]:
     """The BW mean ``(G c,)`` and covariance ``(G c c,)`` parts of the ``batch`` buffer
-    ``[mean, cov, T]`` that :func:`sw_forward` fills and saves."""
+    ``[mean, cov, M]`` (M: the element count) that :func:`sw_forward` fills and saves."""
     return batch[:groups * c], batch[groups * c:-1]
 
 
@@ -254,7 +254,7 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix: Tensor, moment: Tensor, mean: T
     return dx
 
 
-def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], running: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
                config: SWConfig, updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
                ) -> Tuple[Tensor, SWSaved]:
@@ -264,7 +264,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     Args:
         x (Tensor): ``(N, C, H, W)`` input that
             :func:`~mmsn.ops.launching.as_groups` views without a copy.
-        mean_logit, var_logit (Tensor): ``(sw_type,)`` ratio logits (``config.logits``) or
+        mean_weight, var_weight (Tensor): ``(sw_type,)`` ratio logits (``config.logits``) or
             ratios.
         weight, bias (Tensor, optional): ``(C,)`` affine parameters.
         running (tuple, optional): ``(running_mean, running_cov, num_batches_tracked)``.
@@ -316,7 +316,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     scratch = c not in _NEWTON_IN_REGISTERS
     launch(_sw_mix_kernel, (max(n * groups, 1),), mean_ptr=mean, cov_ptr=cov,
            batch_mean_ptr=source[0], batch_cov_ptr=source[1], batch_ptr=batch,
-           mean_logit_ptr=mean_logit, var_logit_ptr=var_logit,
+           mean_logit_ptr=mean_weight, var_logit_ptr=var_weight,
            weight_ptr=batch if weight is None else weight,
            bias_ptr=batch if bias is None else bias, tracked_ptr=running[2],
            new_tracked_ptr=updated[2], matrix_ptr=matrix, centre_ptr=centre, shift_ptr=shift,
@@ -329,7 +329,7 @@ def sw_forward(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optiona
     return y, SWSaved(mean, cov, batch, matrix, centre)
 
 
-def sw_backward(dy: Tensor, x: Tensor, mean_logit: Tensor, var_logit: Tensor,
+def sw_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                 weight: Optional[Tensor], bias: Optional[Tensor], saved: SWSaved,
                 config: SWConfig, input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
     """SW backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
@@ -338,8 +338,8 @@ def sw_backward(dy: Tensor, x: Tensor, mean_logit: Tensor, var_logit: Tensor,
     :func:`sw_forward` had them.
 
     Returns:
-        tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_logit``,
-        ``var_logit``, ``weight`` and ``bias`` (None for a missing parameter).
+        tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_weight``,
+        ``var_weight``, ``weight`` and ``bias`` (None for a missing parameter).
     """
     from ..kernels.switch_whiten_mixing import (PARTIALS, _sw_batch_backward_kernel,
                                                 _sw_input_coefficients_kernel,
@@ -359,23 +359,23 @@ def sw_backward(dy: Tensor, x: Tensor, mean_logit: Tensor, var_logit: Tensor,
     batch_mean, batch_cov = batch_moments_views(batch, groups, c)
     if n * groups:
         launch(_sw_mix_backward_kernel, (n * groups,), mean_ptr=mean, cov_ptr=saved.cov,
-               batch_mean_ptr=batch_mean, batch_cov_ptr=batch_cov, mean_logit_ptr=mean_logit,
-               var_logit_ptr=var_logit, weight_ptr=batch if weight is None else weight,
+               batch_mean_ptr=batch_mean, batch_cov_ptr=batch_cov, mean_logit_ptr=mean_weight,
+               var_logit_ptr=var_weight, weight_ptr=batch if weight is None else weight,
                scratch_ptr=x.new_empty((n, groups, 3 * config.T + 3, c, c), dtype=dtype),
                outer_ptr=outers, sum_dy_ptr=sums_dy, d_cov_ptr=d_cov, d_centre_ptr=d_centre,
                d_gamma_ptr=d_gamma, partial_ptr=partial, N=n, G=groups, S=splits,
                eps=config.eps, AFFINE=affine, ITERATIONS=config.T, **common,
                **_sw_mixing_options('backward', c, dtype))
     grad_batch = x.new_empty(groups * c + groups * c * c, dtype=dtype)
-    d_mean_logit, d_var_logit = torch.empty_like(mean_logit), torch.empty_like(var_logit)
+    d_mean_weight, d_var_weight = torch.empty_like(mean_weight), torch.empty_like(var_weight)
     d_weight = torch.empty_like(weight) if affine else None
     d_bias = torch.empty_like(bias) if bias is not None else None
     launch(_sw_batch_backward_kernel, (groups,), d_cov_ptr=d_cov, d_centre_ptr=d_centre,
            d_gamma_ptr=d_gamma, sum_dy_ptr=sums_dy, partial_ptr=partial,
-           mean_logit_ptr=mean_logit, var_logit_ptr=var_logit, grad_batch_ptr=grad_batch,
+           mean_logit_ptr=mean_weight, var_logit_ptr=var_weight, grad_batch_ptr=grad_batch,
            d_weight_ptr=batch if d_weight is None else d_weight,
-           d_bias_ptr=batch if d_bias is None else d_bias, d_mean_logit_ptr=d_mean_logit,
-           d_var_logit_ptr=d_var_logit, N=n, G=groups, S=splits, AFFINE=affine,
+           d_bias_ptr=batch if d_bias is None else d_bias, d_mean_logit_ptr=d_mean_weight,
+           d_var_logit_ptr=d_var_weight, N=n, G=groups, S=splits, AFFINE=affine,
            BIAS=bias is not None, BATCH=config.use_batch_stats, **common,
            **_sw_mixing_options('batch_backward', c, dtype))
     if config.use_batch_stats and config.world > 1:
@@ -387,19 +387,19 @@ def sw_backward(dy: Tensor, x: Tensor, mean_logit: Tensor, var_logit: Tensor,
         if n * groups:
             launch(_sw_input_coefficients_kernel, (n * groups,), mean_ptr=mean,
                    batch_ptr=batch, d_cov_ptr=d_cov, d_centre_ptr=d_centre,
-                   partial_ptr=partial, grad_batch_ptr=grad_batch, mean_logit_ptr=mean_logit,
-                   var_logit_ptr=var_logit, moment_ptr=moment, vector_ptr=vector, N=n,
+                   partial_ptr=partial, grad_batch_ptr=grad_batch, mean_logit_ptr=mean_weight,
+                   var_logit_ptr=var_weight, moment_ptr=moment, vector_ptr=vector, N=n,
                    G=groups, L=length, BATCH=config.use_batch_stats, **common,
                    **_sw_mixing_options('coefficients', c, dtype))
         dx = sw_grad_input(x, dy, saved.matrix, moment, mean, vector, num_pergroup)
-    return dx, d_mean_logit, d_var_logit, d_weight, d_bias
+    return dx, d_mean_weight, d_var_weight, d_weight, d_bias
 
 
 # ------------------------------------------------------------------------- eager autograd
 
 def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
     """Differentiable gradients of the inputs that need one, through the reference."""
-    x, mean_logit, var_logit, weight, bias = inputs
+    x, mean_weight, var_weight, weight, bias = inputs
     groups, c = x.shape[1] // config.num_pergroup, config.num_pergroup
     running = (None, None)
     if not config.use_batch_stats:  # the running statistics as the forward read them
@@ -407,7 +407,7 @@ def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
         running = (mean.reshape(groups, c, 1), cov.reshape(groups, c, c))
     with torch.enable_grad():
         y = switch_whiten_reference(
-            x, ratios_of(mean_logit, config.logits), ratios_of(var_logit, config.logits),
+            x, ratios_of(mean_weight, config.logits), ratios_of(var_weight, config.logits),
             weight, bias, *running, None, use_batch_stats=config.use_batch_stats,
             num_pergroup=config.num_pergroup, sw_type=config.sw_type, T=config.T,
             momentum=config.momentum, eps=config.eps, method='newton', sync=config.sync)
@@ -419,26 +419,26 @@ def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
 class _SwitchWhitenFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, mean_logit, var_logit, weight, bias, running_mean, running_cov,
+    def forward(ctx, x, mean_weight, var_weight, weight, bias, running_mean, running_cov,
                 num_batches_tracked, config: SWConfig):
         running = None if running_mean is None else \
             (running_mean, running_cov, num_batches_tracked)
-        y, saved = sw_forward(x, mean_logit, var_logit, weight, bias, running, config)
-        ctx.save_for_backward(x, mean_logit, var_logit, weight, bias, *saved)
+        y, saved = sw_forward(x, mean_weight, var_weight, weight, bias, running, config)
+        ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, *saved)
         ctx.config = config
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_logit, var_logit, weight, bias, *saved = ctx.saved_tensors
+        x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
         saved = SWSaved(*saved)
         config = ctx.config
         needs = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
-            grads = _reference_backward((x, mean_logit, var_logit, weight, bias), needs,
+            grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
                                         saved.batch, dy, config)
         else:
-            grads = sw_backward(dy, x, mean_logit, var_logit, weight, bias, saved, config,
+            grads = sw_backward(dy, x, mean_weight, var_weight, weight, bias, saved, config,
                                 input_grad=needs[0])
             grads = tuple(g if need else None for g, need in zip(grads, needs))
         return grads + (None,) * 4
@@ -446,13 +446,8 @@ class _SwitchWhitenFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------- torch.compile: custom ops
 
-def _empty_running(x: Tensor):
-    return (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32),
-            x.new_empty(0, dtype=torch.long))
-
-
 @torch.library.custom_op('mmsn::sw_forward', mutates_args=())
-def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Optional[Tensor],
+def _sw_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                    bias: Optional[Tensor], running_mean: Optional[Tensor],
                    running_cov: Optional[Tensor], num_batches_tracked: Optional[Tensor],
                    use_batch_stats: bool, num_pergroup: int, sw_type: int, T: int,
@@ -463,26 +458,27 @@ def _sw_forward_op(x: Tensor, mean_logit: Tensor, var_logit: Tensor, weight: Opt
     caller copies them into the buffers), as custom ops with autograd may not mutate."""
     if running_mean is None:
         running = updated = None
-        new = _empty_running(x)
+        new = no_running_statistics(x)
     else:
         running = (running_mean, running_cov, num_batches_tracked)
         new = updated = tuple(None if t is None else t.clone() for t in running)
         if num_batches_tracked is None:
             new = updated = new[:2] + (x.new_zeros((), dtype=torch.long),)
-    config = SWConfig(use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits)
-    y, saved = sw_forward(x, mean_logit, var_logit, weight, bias, running, config,
+    config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
+                      sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits)
+    y, saved = sw_forward(x, mean_weight, var_weight, weight, bias, running, config,
                           updated=updated)
     return (y,) + tuple(saved) + tuple(new)
 
 
 @_sw_forward_op.register_fake
-def _(x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_batches_tracked,
+def _(x, mean_weight, var_weight, weight, bias, running_mean, running_cov, num_batches_tracked,
       use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits):
     n, groups, c = x.shape[0], x.shape[1] // num_pergroup, num_pergroup
     dtype = stats_dtype(x)
     matrix = x.new_empty((n, groups, c, c), dtype=dtype)
     vector = x.new_empty((n, groups, c), dtype=dtype)
-    running = _empty_running(x) if running_mean is None else \
+    running = no_running_statistics(x) if running_mean is None else \
         (torch.empty_like(running_mean), torch.empty_like(running_cov),
          x.new_empty((), dtype=torch.long))
     return (torch.empty_like(x), vector, torch.empty_like(matrix),
@@ -492,45 +488,48 @@ def _(x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_bat
 
 @torch.library.custom_op('mmsn::sw_backward', mutates_args=())
 def _sw_backward_op(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Tensor,
-                    matrix: Tensor, centre: Tensor, mean_logit: Tensor, var_logit: Tensor,
+                    matrix: Tensor, centre: Tensor, mean_weight: Tensor, var_weight: Tensor,
                     weight: Optional[Tensor], bias: Optional[Tensor], use_batch_stats: bool,
                     num_pergroup: int, sw_type: int, T: int, eps: float, logits: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    config = SWConfig(use_batch_stats, num_pergroup, sw_type, T, None, eps, logits)
-    dx, d_mean_logit, d_var_logit, d_weight, d_bias = sw_backward(
-        dy, x, mean_logit, var_logit, weight, bias, SWSaved(mean, cov, batch, matrix, centre),
+    config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
+                      sw_type=sw_type, T=T, momentum=None, eps=eps, logits=logits)
+    dx, d_mean_weight, d_var_weight, d_weight, d_bias = sw_backward(
+        dy, x, mean_weight, var_weight, weight, bias, SWSaved(mean, cov, batch, matrix, centre),
         config)
     empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731
-    return (dx, d_mean_logit, d_var_logit, empty() if d_weight is None else d_weight,
+    return (dx, d_mean_weight, d_var_weight, empty() if d_weight is None else d_weight,
             empty() if d_bias is None else d_bias)
 
 
 @_sw_backward_op.register_fake
-def _(dy, x, mean, cov, batch, matrix, centre, mean_logit, var_logit, weight, bias,
+def _(dy, x, mean, cov, batch, matrix, centre, mean_weight, var_weight, weight, bias,
       use_batch_stats, num_pergroup, sw_type, T, eps, logits):
     affine = tuple(x.new_empty(0, dtype=torch.float32) if p is None else torch.empty_like(p)
                    for p in (weight, bias))
-    return (torch.empty_like(x), torch.empty_like(mean_logit), torch.empty_like(var_logit)
+    return (torch.empty_like(x), torch.empty_like(mean_weight), torch.empty_like(var_weight)
             ) + affine
 
 
 def _sw_op_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], *output[1:6])
     ctx.mark_non_differentiable(*output[1:])
-    ctx.config = SWConfig(*inputs[8:])
+    use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits = inputs[8:]
+    ctx.config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
+                          sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits)
 
 
 def _sw_op_backward(ctx, dy, *unused):
-    x, mean_logit, var_logit, weight, bias, *saved = ctx.saved_tensors
+    x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
     saved = SWSaved(*saved)
     config = ctx.config
     needs = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():
-        grads = _reference_backward((x, mean_logit, var_logit, weight, bias), needs,
+        grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
                                     saved.batch, dy, config)
     else:
         grads = torch.ops.mmsn.sw_backward(
-            dy, x, *saved, mean_logit, var_logit, weight, bias, config.use_batch_stats,
+            dy, x, *saved, mean_weight, var_weight, weight, bias, config.use_batch_stats,
             config.num_pergroup, config.sw_type, config.T, config.eps, config.logits)
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     return grads + (None,) * 10
@@ -539,10 +538,10 @@ def _sw_op_backward(ctx, dy, *unused):
 _sw_forward_op.register_autograd(_sw_op_backward, setup_context=_sw_op_setup)
 
 
-def _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean, running_cov,
+def _switch_whiten_compiled(x, mean_weight, var_weight, weight, bias, running_mean, running_cov,
                             num_batches_tracked, config: SWConfig):
     outputs = torch.ops.mmsn.sw_forward(
-        x, mean_logit, var_logit, weight, bias, running_mean, running_cov, num_batches_tracked,
+        x, mean_weight, var_weight, weight, bias, running_mean, running_cov, num_batches_tracked,
         config.use_batch_stats, config.num_pergroup, config.sw_type, config.T,
         config.momentum, config.eps, config.logits)
     if running_mean is not None and config.use_batch_stats:
@@ -552,14 +551,14 @@ def _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean
     return outputs[0]
 
 
-def switch_whiten_triton(x: Tensor, mean_logit: Tensor, var_logit: Tensor,
+def switch_whiten_triton(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                          weight: Optional[Tensor], bias: Optional[Tensor],
                          running_mean: Optional[Tensor], running_cov: Optional[Tensor],
                          num_batches_tracked: Optional[Tensor], config: SWConfig,
                          method: str = 'newton', compiling: bool = False) -> Tensor:
     """Switchable Whitening on the Triton kernels; the tensors as for
-    :func:`~mmsn.ops.reference.switch_whiten_reference`, except that ``mean_logit`` and
-    ``var_logit`` are logits when ``config.logits`` (else ratios); ``compiling`` selects the
+    :func:`~mmsn.ops.reference.switch_whiten_reference`, except that ``mean_weight`` and
+    ``var_weight`` are logits when ``config.logits`` (else ratios); ``compiling`` selects the
     custom ops that torch.compile traces. Raises ``ValueError`` for a call the kernels do not
     take (:func:`sw_kernels_refuse`)."""
     refusal = sw_kernels_refuse(config.num_pergroup, method, x.dtype)
@@ -571,9 +570,9 @@ def switch_whiten_triton(x: Tensor, mean_logit: Tensor, var_logit: Tensor,
     if not compiling:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x, lambda t: as_groups(t, config.num_pergroup))
     if compiling and config.world == 1:
-        return _switch_whiten_compiled(x, mean_logit, var_logit, weight, bias, running_mean,
+        return _switch_whiten_compiled(x, mean_weight, var_weight, weight, bias, running_mean,
                                        running_cov, num_batches_tracked, config)
-    return _SwitchWhitenFunction.apply(x, mean_logit, var_logit, weight, bias, running_mean,
+    return _SwitchWhitenFunction.apply(x, mean_weight, var_weight, weight, bias, running_mean,
                                        running_cov, num_batches_tracked, config)
 
 
