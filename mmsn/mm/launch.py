@@ -25,7 +25,7 @@ from ..checkpoint import add_trust_option, trust_checkpoint
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='the directory to save logs and models')
-    parser.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config settings, key=value pairs (xxx=yyy)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
@@ -34,7 +34,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-class _DictAction(argparse.Action):
+class DictAction(argparse.Action):
     """mmengine's DictAction, imported lazily so ``--help`` works before installation."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -173,13 +173,19 @@ def _rescope_inherited(node, scope: str) -> None:
             _rescope_inherited(value, scope)
 
 
+def apply_config_options(cfg, cfg_options: Optional[dict] = None) -> None:
+    """What every tool does to a loaded config first: the dicts it inherits from mmsn's
+    shipped configs take its scope, then ``--cfg-options`` are merged."""
+    if cfg.get('default_scope'):
+        _rescope_inherited(cfg._cfg_dict, cfg.default_scope)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+
+
 def prepare_config(cfg, args, mode: str):
     """Applies the command line to ``cfg``: work dir, options, launcher, resume, AMP, devices."""
     from mmengine.config import ConfigDict
-    if cfg.get('default_scope'):
-        _rescope_inherited(cfg._cfg_dict, cfg.default_scope)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    apply_config_options(cfg, args.cfg_options)
     cfg.launcher = args.launcher
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir

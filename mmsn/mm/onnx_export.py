@@ -163,15 +163,12 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
     """An mmengine Config as mmsn's tools read it: dicts inherited from mmsn's shipped configs
     take the config's scope, then ``cfg_options`` are merged."""
     from mmengine.config import Config
-    from .launch import _rescope_inherited
+    from .launch import apply_config_options
     if not osp.isfile(config):
         raise FileNotFoundError(f'config: expected a config file, got {config!r}, which does '
                                 'not exist')
     cfg = Config.fromfile(config)
-    if cfg.get('default_scope'):
-        _rescope_inherited(cfg._cfg_dict, cfg.default_scope)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    apply_config_options(cfg, cfg_options)
     return cfg
 
 

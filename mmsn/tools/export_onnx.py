@@ -15,7 +15,7 @@ import os.path as osp
 import sys
 
 from mmsn.checkpoint import DamagedCheckpointError, UntrustedCheckpointError, add_trust_option
-from mmsn.mm.launch import _DictAction
+from mmsn.mm.launch import DictAction
 from mmsn.mm.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, EXPORTERS,
                                  OnnxExportError, export_onnx)
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                         help=f'comparison tolerance, absolute part (default: {DEFAULT_ATOL:g})')
     parser.add_argument('--rtol', type=float, default=DEFAULT_RTOL,
                         help=f'comparison tolerance, relative part (default: {DEFAULT_RTOL:g})')
-    parser.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config settings, key=value pairs (xxx=yyy)')
     add_trust_option(parser)
     return parser.parse_args(argv)

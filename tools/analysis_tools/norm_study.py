@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from mmsn.mm.launch import _DictAction  # noqa: E402
+from mmsn.mm.launch import DictAction  # noqa: E402
 from mmsn.mm.norm_switch import NORM_CHOICES  # noqa: E402
 
 #: keys of the training log, not metrics
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                         'coco/bbox_mAP, or the first one found)')
     parser.add_argument('--norm-heads', action='store_true')
     parser.add_argument('--no-pretrained', action='store_true')
-    parser.add_argument('--cfg-options', nargs='+', action=_DictAction, default={},
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='passed to every run')
     args = parser.parse_args(argv)
     for name, values in (('--batch-sizes', args.batch_sizes), ('--nproc', [args.nproc])):
