@@ -20,11 +20,11 @@ from mmsn import (SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d,  # noqa: E40
 from mmsn.deploy import deploy_hard_switchable  # noqa: E402
 from mmsn.hard_ratios import harden_ratios  # noqa: E402
 from mmsn.layers import SwitchableLayer  # noqa: E402
-from mmsn.mm.onnx_export import (DEFAULT_ATOL, DEFAULT_RTOL, OnnxExportError,  # noqa: E402
-                                 build_model, check_standard_domains, compare_with_onnxruntime,
-                                 custom_domain_nodes, export_model, export_module, export_onnx,
-                                 load_config, load_weights, repair_torchscript_graph,
-                                 wrap_for_export)
+from mmsn.mm.onnx_checks import (DEFAULT_ATOL, DEFAULT_RTOL, OnnxExportError,  # noqa: E402
+                                 check_standard_domains, compare_with_onnxruntime,
+                                 custom_domain_nodes, repair_torchscript_graph)
+from mmsn.mm.onnx_export import (build_model, export_model, export_module,  # noqa: E402
+                                 export_onnx, load_config, load_weights, wrap_for_export)
 from mmsn.tools.export_onnx import main  # noqa: E402
 
 # the models are exported with random weights on purpose

@@ -16,8 +16,8 @@ import sys
 
 from mmsn.checkpoint import DamagedCheckpointError, UntrustedCheckpointError, add_trust_option
 from mmsn.mm.launch import DictAction
-from mmsn.mm.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, EXPORTERS,
-                                 OnnxExportError, export_onnx)
+from mmsn.mm.onnx_checks import DEFAULT_ATOL, DEFAULT_RTOL, OnnxExportError
+from mmsn.mm.onnx_export import DEFAULT_OPSET, EXPORTERS, export_onnx
 
 
 def parse_args(argv=None):
