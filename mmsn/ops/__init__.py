@@ -37,16 +37,15 @@ from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton, r
                         switch_norm_reference, switch_whiten_reference)
 
 BACKENDS = ('torch', 'triton')
-
-if hasattr(torch.library, 'custom_op'):  # the kernels' ops need torch >= 2.4
-    from .triton_switch_norm import SNConfig, switch_norm_triton
-    from .triton_switch_whiten import SWConfig, sw_kernels_refuse, switch_whiten_triton
-
-
 # Looked up once, at import: backend_for runs in every SN/SW forward (and under dynamo).
 TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
 #: the kernels' ops are ``torch.library.custom_op``s (torch >= 2.4)
 CUSTOM_OPS_AVAILABLE = hasattr(torch.library, 'custom_op')
+
+if CUSTOM_OPS_AVAILABLE:
+    from .triton_switch_norm import SNConfig, switch_norm_triton
+    from .triton_switch_whiten import SWConfig, sw_kernels_refuse, switch_whiten_triton
+
 KERNELS_AVAILABLE = TRITON_AVAILABLE and CUSTOM_OPS_AVAILABLE
 #: the oldest GPU the kernels are compiled and checked for (tests/test_kernel_resources.py)
 MIN_COMPUTE_CAPABILITY = (8, 0)
