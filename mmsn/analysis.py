@@ -103,21 +103,38 @@ def symmetric_kl(p, q, floor: float = 1e-8) -> float:
 
 
 def ratio_history(scalar_files, prefix: str = 'ratios') -> Dict[str, Dict[str, list]]:
-    """Ratio curves from mmengine ``vis_data/scalars.json`` files (one JSON record per line):
-    ``{layer: {'step': [...], 'mean_in': [...], ...}}``."""
+    """Ratio curves from mmengine ``vis_data/scalars.json`` files (one JSON record per line),
+    given in the order of their runs: ``{layer: {'step': [...], 'mean_in': [...], ...}}``,
+    every series as long as ``step``.
+
+    A later run of the same work dir supersedes what the earlier ones logged from its first
+    step on: a resumed run repeats the steps after its checkpoint, and a fresh run (``make
+    demo`` again) starts over. Of two records of one step in a run, the later one counts.
+    """
     import json
     history = OrderedDict()
     for path in scalar_files:
+        run = OrderedDict()
         with open(path) as f:
             for line in f:
                 record = json.loads(line)
-                keys = [k for k in record if k.startswith(prefix + '/')]
-                for key in keys:
+                for key, value in record.items():
+                    if not key.startswith(prefix + '/'):
+                        continue
                     layer, series = key[len(prefix) + 1:].rsplit('/', 1)
-                    curves = history.setdefault(layer, OrderedDict(step=[]))
+                    curves = run.setdefault(layer, OrderedDict(step=[]))
                     if not curves['step'] or curves['step'][-1] != record['step']:
-                        if len(curves['step']) and record['step'] < curves['step'][-1]:
-                            continue  # a resumed run repeating steps
                         curves['step'].append(record['step'])
-                    curves.setdefault(series, []).append(record[key])
+                    values = curves.setdefault(series, [])
+                    if len(values) == len(curves['step']):  # this step has a value already
+                        values[-1] = value
+                    else:
+                        values.append(value)
+        for layer, curves in run.items():
+            kept = history.setdefault(layer, OrderedDict(step=[]))
+            before = sum(1 for step in kept['step'] if step < curves['step'][0])
+            for values in kept.values():
+                del values[before:]
+            for series, values in curves.items():
+                kept.setdefault(series, []).extend(values)
     return history

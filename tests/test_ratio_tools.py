@@ -13,13 +13,41 @@ import torch.nn.functional as F
 
 from mmsn import SparseSwitchNorm2d, SwitchNorm2d, SwitchWhiten2d, SyncSwitchNorm
 from mmsn.checkpoint import load_checkpoint_file
-from mmsn.analysis import model_ratios, ratio_scalars, symmetric_kl
+from mmsn.analysis import model_ratios, ratio_history, ratio_scalars, symmetric_kl
 from mmsn.batch_average import batch_average_statistics
 from mmsn.deploy import ChannelAffine, HardSwitchNorm, deploy_hard_switchable
 from mmsn.hard_ratios import hard_choice, harden_ratios, harden_state_dict
 from processes import spawn_ranks
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def _scalars(path, records):
+    path.parent.mkdir(parents=True)
+    with open(path, 'w') as f:
+        for step, value in records:
+            f.write(json.dumps({'loss': 1.0, 'step': step}) + '\n')  # a record without ratios
+            f.write(json.dumps({'ratios/sn1/mean_in': value, 'ratios/sn1/var_in': value,
+                                'step': step}) + '\n')
+    return str(path)
+
+
+def test_ratio_history_of_several_runs_in_one_work_dir(tmp_path):
+    """make demo run twice in one work dir (the first run stopped after 2 records): the
+    second run starts over and its curve alone is drawn; a resumed run replaces the steps
+    after its checkpoint. Every series stays as long as its steps (the plot tool failed with
+    18 steps and 19 values)."""
+    first = _scalars(tmp_path / 'a/vis_data/scalars.json', [(25, 0.1), (50, 0.2)])
+    again = _scalars(tmp_path / 'b/vis_data/scalars.json', [(25, 0.3), (50, 0.4), (75, 0.5)])
+    history = ratio_history([first, again])
+    assert history['sn1'] == {'step': [25, 50, 75], 'mean_in': [0.3, 0.4, 0.5],
+                              'var_in': [0.3, 0.4, 0.5]}
+    resumed = _scalars(tmp_path / 'c/vis_data/scalars.json', [(50, 0.6), (75, 0.7), (100, 0.8)])
+    history = ratio_history([first, resumed])
+    assert history['sn1']['step'] == [25, 50, 75, 100]
+    assert history['sn1']['mean_in'] == [0.1, 0.6, 0.7, 0.8]
+    from mmsn.plotting import plot_ratio_curves
+    assert plot_ratio_curves(history, str(tmp_path / 'plots'))
 
 
 def test_ratio_scalars_and_divergence():
