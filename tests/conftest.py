@@ -8,6 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
+# Under pytest-xdist the workers fill the cores already: each worker, and every process it
+# starts, computes on one thread. With torch's default of one thread per core, the workers'
+# OpenMP threads spun waiting for each other (half the CPU time went to the system).
+if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
