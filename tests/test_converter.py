@@ -13,7 +13,7 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 
 from mmsn.converters import ConversionError, convert_checkpoint  # noqa: E402
-from mmsn.ops import switch_whiten  # noqa: E402
+from mmsn.ops import SWConfig, switch_whiten  # noqa: E402
 from mmsn.ops.sparsestmax import sparsestmax  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -89,8 +89,8 @@ class AuthorsSwitchWhiten(nn.Module):
         return switch_whiten(
             x, F.softmax(self.sw_mean_weight, 0), F.softmax(self.sw_var_weight, 0), self.weight,
             self.bias, self.running_mean, self.running_cov, torch.tensor(0),
-            use_batch_stats=False, num_pergroup=self.per_group, sw_type=2, T=5, momentum=0.1,
-            eps=1e-5, logits=False)
+            SWConfig(num_pergroup=self.per_group, sw_type=2, T=5, logits=False),
+            use_batch_stats=False)
 
 
 def random_bn(channels):

@@ -1,5 +1,6 @@
 """SwitchNorm1d/2d/3d: the paper's equations, its special cases and the layer's contract."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -216,6 +217,30 @@ def test_state_dict_round_trip_is_exact():
 def test_bad_input_raises_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_layer_options_live_in_one_frozen_config():
+    """The op config is built with the layer and kept across calls and modes; setting an
+    option replaces it with a checked copy, which the next call reads."""
+    layer = SwitchNorm2d(3)
+    config = layer.config
+    x = random_input((2, 3, 4, 4), dtype=torch.float32)
+    layer(x)
+    layer.eval()
+    layer(x)
+    assert layer.config is config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.eps = 1.0
+    layer.momentum = None  # (what tools/batch_average.py does: a cumulative average)
+    assert layer.config is not config and layer.config.momentum is None
+    assert layer.config.eps == config.eps and layer.momentum is None
+    with pytest.raises(ValueError, match=r'momentum: expected a float in \[0, 1\]'):
+        layer.momentum = 2.0
+    assert layer.momentum is None
+    layer.train()
+    layer.reset_running_stats()
+    layer(x)  # one batch averaged cumulatively: its own mean, not 0.1 of it
+    torch.testing.assert_close(layer.running_mean, x.mean((0, 2, 3)))
 
 
 def test_empty_batch_passes_through():

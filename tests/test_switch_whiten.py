@@ -215,3 +215,15 @@ def test_channels_last_and_state_dict():
 def test_bad_input_raises_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_options_that_size_the_buffers_are_fixed():
+    layer = SwitchWhiten2d(32, num_pergroup=16, sw_type=3, T=5)
+    with pytest.raises(AttributeError, match='num_pergroup: fixed when the layer is built'):
+        layer.num_pergroup = 8
+    with pytest.raises(AttributeError, match='sw_type: fixed'):
+        layer.sw_type = 5
+    layer.T = 3
+    assert layer.config.T == 3 and layer.config.sw_type == 3 and 'T=3' in repr(layer)
+    with pytest.raises(ValueError, match='T: expected a positive int, got 0'):
+        layer.T = 0

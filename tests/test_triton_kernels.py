@@ -262,7 +262,7 @@ def test_sw_kernels_refuse_float64_at_64_per_group(monkeypatch):
 def test_sw_weight_and_bias_are_independent(which, monkeypatch):
     """The functional op with only one of the affine parameters (the layers have both or
     neither): the kernels must neither drop the bias nor read a shift that is not there."""
-    from mmsn.ops import switch_whiten
+    from mmsn.ops import SWConfig, switch_whiten
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 32, 3, 4, generator=g)
     param = torch.rand(32, generator=g) + 0.5 if which == 'weight' else torch.randn(32, generator=g)
@@ -273,9 +273,9 @@ def test_sw_weight_and_bias_are_independent(which, monkeypatch):
         xi, p = x.clone().requires_grad_(), param.clone().requires_grad_()
         y = switch_whiten(xi, logits, logits, weight=p if which == 'weight' else None,
                           bias=p if which == 'bias' else None, running_mean=None,
-                          running_cov=None, num_batches_tracked=None, use_batch_stats=True,
-                          num_pergroup=16, sw_type=2, T=5, momentum=0.1, eps=1e-5,
-                          logits=True)
+                          running_cov=None, num_batches_tracked=None,
+                          config=SWConfig(num_pergroup=16, sw_type=2, T=5),
+                          use_batch_stats=True)
         y.backward(torch.ones_like(y) + x)
         results[backend] = (y.detach(), xi.grad, p.grad)
     for got, want in zip(results['triton'], results['torch']):

@@ -1,9 +1,11 @@
-"""What SN and SW layers share: argument checks, input checks, affine parameters, buffers."""
-from typing import Optional, Sequence
+"""What SN and SW layers share: the op config, input checks, affine parameters, buffers."""
+import dataclasses
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..ops.configs import SNConfig, SWConfig, check_positive_int
 from ..ops.distributed import default_group
 
 #: the ratio logit of a statistic a layer must not use (hard ratios, converted sparse ratios):
@@ -11,34 +13,32 @@ from ..ops.distributed import default_group
 ZERO_RATIO_LOGIT = -1e4
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name}: expected a positive int, got {value!r}')
-    return value
+class ConfigOption:
+    """A layer option whose one home is the layer's frozen op ``config``: reading it reads
+    the config; setting it (``layer.momentum = None``) replaces the config with a checked
+    copy. ``fixed`` options size the layer's buffers and cannot change after it is built."""
 
+    def __init__(self, fixed: bool = False):
+        self.fixed = fixed
 
-def check_momentum(momentum: Optional[float]) -> Optional[float]:
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f'momentum: expected a float in [0, 1] or None (cumulative average), '
-                         f'got {momentum!r}')
-    return None if momentum is None else float(momentum)
+    def __set_name__(self, owner, name: str):
+        self.name = name
 
+    def __get__(self, layer, owner=None):
+        return self if layer is None else getattr(layer.config, self.name)
 
-def check_eps(eps: float) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise ValueError(f'eps: expected a positive float, got {eps!r}')
-    return float(eps)
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Ratios are computed in float32 for half-precision parameters, float64 stays."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    def __set__(self, layer, value):
+        if self.fixed:
+            raise AttributeError(f'{self.name}: fixed when the layer is built (the buffers are '
+                                 f'sized by it), got an assignment of {value!r}')
+        layer.config = dataclasses.replace(layer.config, **{self.name: value})
 
 
 class SwitchableLayer(nn.Module):
     """Base of the SN and SW layers.
 
-    Holds the per-channel affine parameters and the batch counter, checks inputs, and
+    Holds the op's frozen ``config`` (built once here; ``eps`` and ``momentum`` read and
+    replace it), the per-channel affine parameters and the batch counter, checks inputs, and
     migrates checkpoints that lack ``num_batches_tracked`` (the authors' releases have none).
     Subclasses set ``_input_dims`` (the accepted ``x.dim()`` values) and implement
     ``ratios()``, which returns the normalised mean and variance ratios.
@@ -49,12 +49,13 @@ class SwitchableLayer(nn.Module):
     #: the synchronized variants pool the batch statistics over ``self.group`` (or the world)
     synchronized = False
     group: Optional[object] = None
+    eps = ConfigOption()
+    momentum = ConfigOption()
 
-    def __init__(self, num_features: int, eps: float, momentum: Optional[float], affine: bool):
+    def __init__(self, num_features: int, affine: bool, config: Union[SNConfig, SWConfig]):
         super().__init__()
         self.num_features = check_positive_int('num_features', num_features)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
+        self.config = config
         self.affine = bool(affine)
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features))

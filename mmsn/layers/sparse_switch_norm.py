@@ -23,6 +23,7 @@ class SparseSwitchNorm2d(SwitchNorm2d):
     """
 
     _abbr_ = 'sn'
+    _mixes_logits = False  # (sparsestmax has no kernel: the op gets the ratios)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  last_gamma: bool = False):
@@ -42,9 +43,9 @@ class SparseSwitchNorm2d(SwitchNorm2d):
         return (self._ratio(self.mean_weight, self.mean_fixed),
                 self._ratio(self.var_weight, self.var_fixed))
 
-    def ratio_inputs(self) -> Tuple[Tensor, Tensor, bool]:
+    def ratio_inputs(self) -> Tuple[Tensor, Tensor]:
         """The ratios themselves (sparsestmax has no kernel)."""
-        return self.ratios() + (False,)
+        return self.ratios()
 
     @torch.no_grad()
     def fix_one_hot(self, tolerance: float = 1e-6) -> Tuple[bool, bool]:

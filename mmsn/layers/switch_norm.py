@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import ratios_of, switch_norm
+from ..ops import SNConfig, ratios_of, switch_norm
 from .base import SwitchableLayer
 
 #: Names of the statistics mixed by SN, in the order of ``mean_weight`` and ``var_weight``.
@@ -32,10 +32,13 @@ class _SwitchNorm(SwitchableLayer):
     """
 
     _abbr_ = 'sn'
+    #: the op mixes with the ratio logits (``config.logits``); SSN hands it ratios
+    _mixes_logits = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, using_bn: bool = True, last_gamma: bool = False):
-        super().__init__(num_features, eps, momentum, affine)
+        config = SNConfig(momentum=momentum, eps=eps, logits=self._mixes_logits)
+        super().__init__(num_features, affine, config)
         self.using_bn = bool(using_bn)
         self.last_gamma = bool(last_gamma)
         num_statistics = 3 if self.using_bn else 2
@@ -72,17 +75,17 @@ class _SwitchNorm(SwitchableLayer):
         """Mean and variance ratios (softmax of the logits), at least float32."""
         return ratios_of(self.mean_weight, True), ratios_of(self.var_weight, True)
 
-    def ratio_inputs(self) -> Tuple[Tensor, Tensor, bool]:
-        """What the op mixes with: the logits (its kernels apply the softmax themselves)."""
-        return self.mean_weight, self.var_weight, True
+    def ratio_inputs(self) -> Tuple[Tensor, Tensor]:
+        """What the op mixes with: the logits (the op applies the softmax itself)."""
+        return self.mean_weight, self.var_weight
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        mean_weight, var_weight, logits = self.ratio_inputs()
+        mean_weight, var_weight = self.ratio_inputs()
         return switch_norm(
             x, mean_weight, var_weight, self.weight, self.bias, self.running_mean,
-            self.running_var, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
-            momentum=self.momentum, eps=self.eps, sync=self.sync_group(), logits=logits)
+            self.running_var, self.num_batches_tracked, self.config,
+            use_batch_stats=self.use_batch_stats(), sync=self.sync_group())
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '

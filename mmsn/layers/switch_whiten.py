@@ -3,11 +3,10 @@ Learning") and their synchronized variant."""
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import SW_STATISTICS, switch_whiten
-from .base import SwitchableLayer, _at_least_float32, check_positive_int
+from ..ops import SW_STATISTICS, SWConfig, ratios_of, switch_whiten
+from .base import ConfigOption, SwitchableLayer
 
 
 class SwitchWhiten2d(SwitchableLayer):
@@ -35,25 +34,22 @@ class SwitchWhiten2d(SwitchableLayer):
     _abbr_ = 'sw'
     _input_dims = (4,)
     _input_layout = '(N, C, H, W)'
+    num_pergroup = ConfigOption(fixed=True)
+    sw_type = ConfigOption(fixed=True)
+    T = ConfigOption()
+    method = ConfigOption()
 
     def __init__(self, num_features: int, num_pergroup: int = 16, sw_type: int = 2, T: int = 5,
                  tie_weight: bool = False, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, method: str = 'newton'):
-        super().__init__(num_features, eps, momentum, affine)
-        check_positive_int('num_pergroup', num_pergroup)
+        config = SWConfig(num_pergroup=num_pergroup, sw_type=sw_type, T=T, momentum=momentum,
+                          eps=eps, method=method)
+        super().__init__(num_features, affine, config)
         if num_features % num_pergroup:
             raise ValueError(f'num_pergroup: expected a divisor of num_features={num_features}, '
                              f'got {num_pergroup}')
-        if sw_type not in SW_STATISTICS:
-            raise ValueError(f'sw_type: expected one of {sorted(SW_STATISTICS)}, got {sw_type!r}')
-        if method not in ('newton', 'eigh'):
-            raise ValueError(f"method: expected 'newton' or 'eigh', got {method!r}")
-        self.num_pergroup = num_pergroup
         self.num_groups = num_features // num_pergroup
-        self.sw_type = sw_type
-        self.T = check_positive_int('T', T)
         self.tie_weight = bool(tie_weight)
-        self.method = method
         self.sw_mean_weight = nn.Parameter(torch.ones(sw_type))
         if self.tie_weight:
             self.register_parameter('sw_var_weight', None)
@@ -75,20 +71,18 @@ class SwitchWhiten2d(SwitchableLayer):
 
     def ratios(self) -> Tuple[Tensor, Tensor]:
         """Mean and covariance ratios (softmax of the logits), at least float32."""
-        mean_ratio = F.softmax(_at_least_float32(self.sw_mean_weight), 0)
+        mean_ratio = ratios_of(self.sw_mean_weight, True)
         if self.tie_weight:
             return mean_ratio, mean_ratio
-        return mean_ratio, F.softmax(_at_least_float32(self.sw_var_weight), 0)
+        return mean_ratio, ratios_of(self.sw_var_weight, True)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         var_logits = self.sw_mean_weight if self.tie_weight else self.sw_var_weight
         return switch_whiten(
             x, self.sw_mean_weight, var_logits, self.weight, self.bias, self.running_mean,
-            self.running_cov, self.num_batches_tracked, use_batch_stats=self.use_batch_stats(),
-            num_pergroup=self.num_pergroup, sw_type=self.sw_type, T=self.T,
-            momentum=self.momentum, eps=self.eps, method=self.method, sync=self.sync_group(),
-            logits=True)
+            self.running_cov, self.num_batches_tracked, self.config,
+            use_batch_stats=self.use_batch_stats(), sync=self.sync_group())
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, num_pergroup={self.num_pergroup}, sw_type={self.sw_type}, '

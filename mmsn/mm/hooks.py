@@ -6,7 +6,7 @@ from mmengine.registry import HOOKS
 
 from ..analysis import model_ratios, ratio_scalars
 from ..batch_average import batch_average_statistics
-from ..layers.base import check_positive_int
+from ..ops.configs import check_positive_int
 
 
 class SwitchableRatioHook(Hook):

@@ -409,7 +409,7 @@ def _constant_sparse_ratios(module: nn.Module):
             with torch.no_grad():
                 mean, var = (ratio.detach().clone() for ratio in layer.ratios())
             # an instance attribute shadows the method, until it is removed below
-            layer.ratio_inputs = (lambda mean=mean, var=var: (mean, var, False))
+            layer.ratio_inputs = (lambda mean=mean, var=var: (mean, var))
         yield
     finally:
         for layer in layers:

@@ -31,9 +31,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .configs import SW_STATISTICS, SNConfig, SWConfig
 from .distributed import all_gather_parts, sync_world_size
 from .moments import merge_covariance_moments, merge_moments
-from .reference import (SW_STATISTICS, inverse_sqrt_eigh, inverse_sqrt_newton, ratios_of,
+from .reference import (inverse_sqrt_eigh, inverse_sqrt_newton, ratios_of,
                         switch_norm_reference, switch_whiten_reference)
 
 BACKENDS = ('torch', 'triton')
@@ -43,8 +44,8 @@ TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
 CUSTOM_OPS_AVAILABLE = hasattr(torch.library, 'custom_op')
 
 if CUSTOM_OPS_AVAILABLE:
-    from .triton_switch_norm import SNConfig, switch_norm_triton
-    from .triton_switch_whiten import SWConfig, sw_kernels_refuse, switch_whiten_triton
+    from .triton_switch_norm import switch_norm_triton
+    from .triton_switch_whiten import sw_kernels_refuse, switch_whiten_triton
 
 KERNELS_AVAILABLE = TRITON_AVAILABLE and CUSTOM_OPS_AVAILABLE
 #: the oldest GPU the kernels are compiled and checked for (tests/test_kernel_resources.py)
@@ -140,66 +141,55 @@ def backend_for(x) -> str:
 def switch_norm(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                 bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-                use_batch_stats: bool, momentum: Optional[float], eps: float,
-                sync: Optional[object] = None, logits: bool = True) -> Tensor:
-    """Switchable Normalization on the backend :func:`backend_for` picks.
+                config: SNConfig, *, use_batch_stats: bool,
+                sync: Optional[object] = None) -> Tensor:
+    """Switchable Normalization on the backend :func:`backend_for` picks; the arguments as
+    for :func:`~mmsn.ops.reference.switch_norm_reference`.
 
-    ``mean_weight`` and ``var_weight`` are the ratio logits (``logits``; softmax in at least
-    float32) or the ratios themselves; ``sync`` the process group whose whole batch the BN
-    branch pools (None: this process's). The other arguments as for
-    :func:`~mmsn.ops.reference.switch_norm_reference`.
+    ``config`` holds the layer's options (built once, with the layer); ``use_batch_stats``
+    (training) and ``sync`` (the process group whose whole batch the BN branch pools, None
+    for this process's) come with each call, since ``train()``/``eval()`` and the process
+    group change after a layer is built.
     """
+    tensors = (x, mean_weight, var_weight, weight, bias, running_mean, running_var,
+               num_batches_tracked)
     if backend_for(x) == 'triton':
-        # (per call: train()/eval() and the process group change after a layer is built)
-        config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
-                          logits=logits, sync=sync)
-        return switch_norm_triton(x, mean_weight, var_weight, weight, bias, running_mean,
-                                  running_var, num_batches_tracked, config,
+        return switch_norm_triton(*tensors, config, use_batch_stats=use_batch_stats, sync=sync,
                                   compiling=_compiling())
-    return switch_norm_reference(x, ratios_of(mean_weight, logits), ratios_of(var_weight, logits),
-                                 weight, bias, running_mean, running_var, num_batches_tracked,
-                                 use_batch_stats, momentum, eps, sync)
+    return switch_norm_reference(*tensors, config, use_batch_stats=use_batch_stats, sync=sync)
 
 
 def switch_whiten(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                   bias: Optional[Tensor], running_mean: Optional[Tensor],
                   running_cov: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-                  use_batch_stats: bool, num_pergroup: int, sw_type: int, T: int,
-                  momentum: Optional[float], eps: float, method: str = 'newton',
-                  sync: Optional[object] = None, logits: bool = True) -> Tensor:
-    """Switchable Whitening on the backend :func:`backend_for` picks.
+                  config: SWConfig, *, use_batch_stats: bool,
+                  sync: Optional[object] = None) -> Tensor:
+    """Switchable Whitening on the backend :func:`backend_for` picks; the arguments as for
+    :func:`~mmsn.ops.reference.switch_whiten_reference`, and as for :func:`switch_norm`.
 
-    ``mean_weight`` and ``var_weight`` are the ratio logits (``logits``; softmax in at least
-    float32) or the ratios themselves; ``sync`` the process group whose whole batch the BW
-    branch pools (None: this process's). The other arguments as for
-    :func:`~mmsn.ops.reference.switch_whiten_reference`. The kernels take groups of 16, 32
-    or 64 channels (float64 at 16 or 32) and Newton's iteration: other calls use the
-    reference, and raise when ``MMSN_BACKEND=triton`` forces the kernels
-    (:func:`~mmsn.ops.triton_switch_whiten.sw_kernels_refuse`).
+    The kernels take groups of 16, 32 or 64 channels (float64 at 16 or 32) and Newton's
+    iteration: other calls use the reference, and raise when ``MMSN_BACKEND=triton`` forces
+    the kernels (:func:`~mmsn.ops.triton_switch_whiten.sw_kernels_refuse`).
     """
     backend = backend_for(x)
     if backend == 'triton':
-        refusal = sw_kernels_refuse(num_pergroup, method, x.dtype)
+        refusal = sw_kernels_refuse(config.num_pergroup, config.method, x.dtype)
         if refusal and _forced_backend():
             raise ValueError(f"backend 'triton' (MMSN_BACKEND or set_backend) forces the kernels: "
                              f'{refusal}')
         if refusal:
             backend = 'torch'
+    tensors = (x, mean_weight, var_weight, weight, bias, running_mean, running_cov,
+               num_batches_tracked)
     if backend == 'triton':
-        config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
-                          sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits,
-                          sync=sync)
-        return switch_whiten_triton(x, mean_weight, var_weight, weight, bias, running_mean,
-                                    running_cov, num_batches_tracked, config, method=method,
-                                    compiling=_compiling())
-    return switch_whiten_reference(
-        x, ratios_of(mean_weight, logits), ratios_of(var_weight, logits), weight, bias,
-        running_mean, running_cov, num_batches_tracked, use_batch_stats, num_pergroup, sw_type,
-        T, momentum, eps, method, sync)
+        return switch_whiten_triton(*tensors, config, use_batch_stats=use_batch_stats,
+                                    sync=sync, compiling=_compiling())
+    return switch_whiten_reference(*tensors, config, use_batch_stats=use_batch_stats, sync=sync)
 
 
 __all__ = [
-    'switch_norm', 'switch_whiten', 'switch_norm_reference', 'switch_whiten_reference',
+    'switch_norm', 'switch_whiten', 'SNConfig', 'SWConfig', 'ratios_of',
+    'switch_norm_reference', 'switch_whiten_reference',
     'inverse_sqrt_newton', 'inverse_sqrt_eigh', 'SW_STATISTICS', 'merge_moments',
     'merge_covariance_moments', 'all_gather_parts', 'sync_world_size', 'backend_for', 'BACKENDS',
     'set_backend', 'use_backend'

@@ -28,6 +28,12 @@ def sync_world_size(group: Optional[object] = None) -> int:
     return dist.get_world_size(group)
 
 
+def pooled_processes(sync: Optional[object]) -> int:
+    """How many processes' batches the batch statistics pool: 1 for ``sync=None`` (this
+    process's batch) or before torch.distributed is initialised, else the size of ``sync``."""
+    return 1 if sync is None else sync_world_size(sync)
+
+
 class _AllGatherParts(torch.autograd.Function):
 
     @staticmethod

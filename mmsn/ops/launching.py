@@ -1,7 +1,8 @@
 """What every Triton launch of mmsn shares: :func:`launch` (the one place a kernel is
 launched, with ptxas's register cap), :func:`observe_launches` (the ahead-of-time check and
 the launch counts see exactly what runs through it), grids, tiles, views and the split of a
-reduction over the GPU. The launches themselves are planned by each op's host module:
+reduction over the GPU, and the choice of gradient that both ops' backwards make
+(:func:`exact_gradients`). The launches themselves are planned by each op's host module:
 ``triton_switch_norm.py`` (SN) and ``triton_switch_whiten.py`` (SW).
 """
 import contextlib
@@ -205,3 +206,29 @@ def no_running_statistics(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     (an op's outputs cannot be None)."""
     return (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32),
             x.new_empty(0, dtype=torch.long))
+
+
+def exact_gradients(ctx, dy: Tensor, saved_type, reference: Callable[..., Tensor],
+                    kernels: Callable[..., Tuple[Optional[Tensor], ...]]
+                    ) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of an op's inputs ``(x, mean_weight, var_weight, weight, bias)`` that
+    its forward saved first in ``ctx`` (then the fields of ``saved_type``, and its options
+    as ``ctx.options``); None for those that need none.
+
+    With grad mode on (``create_graph=True``: gradient penalties, double backward) the
+    kernels' closed form, which is not itself differentiable, would give wrong second-order
+    gradients: ``reference(inputs, saved, options)`` recomputes the layer (its running
+    statistics untouched) and is differentiated instead. Otherwise
+    ``kernels(dy, inputs, saved, options, input_grad)`` gives them in one backward.
+    """
+    tensors = ctx.saved_tensors  # (read once: activation checkpointing unpacks them once)
+    inputs, saved = tensors[:5], saved_type(*tensors[5:])
+    needs = ctx.needs_input_grad[:5]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            y = reference(inputs, saved, ctx.options)
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+        return tuple(next(grads) if need else None for need in needs)
+    grads = kernels(dy, inputs, saved, ctx.options, needs[0])
+    return tuple(g if need else None for g, need in zip(grads, needs))

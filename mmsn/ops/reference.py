@@ -11,9 +11,9 @@ papers' equations with population (biased) statistics:
   ``eigh``), applied to ``x - mu``.
 
 All statistics are computed in float32 (float64 stays float64) whatever the input dtype, and
-pooled with centred terms (no ``E[x^2] - E[x]^2``). Ratios come in already normalised (the
-layers apply softmax, sparsestmax or hard one-hot choices), so these functions are agnostic to
-how the ratios are produced.
+pooled with centred terms (no ``E[x^2] - E[x]^2``). The ops take the layer's ratio logits
+(softmax here, in at least float32) or, with ``config.logits`` False, ratios the layer made
+itself (sparsestmax, hard one-hot choices); the ``*_coefficients`` steps take ratios.
 """
 import math
 from typing import Optional, Tuple
@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .distributed import all_gather_parts, sync_world_size
+from .configs import SW_STATISTICS, SNConfig, SWConfig
+from .distributed import all_gather_parts, pooled_processes
 from .moments import merge_covariance_moments, merge_moments, update_running_statistics
 
 
@@ -78,7 +79,7 @@ def batch_moments(mean_in: Tensor, var_in: Tensor, numel_per_instance: int,
         mean, var = (t.squeeze(0) for t in pooled_moments(mean_in, var_in, 0))
     else:
         mean = var = mean_in.new_zeros(mean_in.shape[1])
-    if sync is None or sync_world_size(sync) == 1:
+    if pooled_processes(sync) == 1:
         return mean, var, local_count
     channels = mean.shape[0]
     part = torch.cat([local_count.reshape(1), mean, var * local_count])
@@ -133,28 +134,26 @@ def switch_norm_coefficients(mean_in: Tensor, var_in: Tensor, numel_per_instance
     return scale, shift
 
 
-def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
+def switch_norm_reference(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                           weight: Optional[Tensor], bias: Optional[Tensor],
                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                          num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
-                          momentum: Optional[float], eps: float,
-                          sync: Optional[object] = None) -> Tensor:
+                          num_batches_tracked: Optional[Tensor], config: SNConfig, *,
+                          use_batch_stats: bool, sync: Optional[object] = None) -> Tensor:
     """Switchable Normalization, the reference path.
 
     Args:
         x (Tensor): ``(N, C, *)`` input, any float dtype and memory format.
-        mean_ratio (Tensor): ``(3,)`` ratios for IN, LN, BN means (``(2,)`` for IN, LN when
-            the layer has no BN branch); they should sum to one.
-        var_ratio (Tensor): the same for variances.
+        mean_weight (Tensor): ``(3,)`` ratio logits (``config.logits``) or ratios for the
+            IN, LN, BN means (``(2,)`` for IN, LN when the layer has no BN branch).
+        var_weight (Tensor): the same for variances.
         weight (Tensor, optional): ``(C,)`` scale. bias (Tensor, optional): ``(C,)`` shift.
         running_mean (Tensor, optional): ``(C,)`` buffer, updated in place when
             ``use_batch_stats``; used as the BN mean otherwise.
         running_var (Tensor, optional): ``(C,)`` buffer holding the unbiased running variance
             (PyTorch's convention).
         num_batches_tracked (Tensor, optional): counter for ``momentum=None``.
+        config (SNConfig): momentum, eps, logits.
         use_batch_stats (bool): BN branch from the batch (training) or from the buffers.
-        momentum (float, optional): PyTorch convention; None is the cumulative average.
-        eps (float): added to the mixed variance.
         sync (ProcessGroup, optional): the group whose whole batch the BN branch pools
             (synchronized layers); None: this process's batch.
 
@@ -164,8 +163,9 @@ def switch_norm_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
     num_samples, channels = x.shape[:2]
     mean_in, var_in = instance_moments(x)
     scale, shift = switch_norm_coefficients(
-        mean_in, var_in, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
-        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum, eps, sync)
+        mean_in, var_in, math.prod(x.shape[2:]), ratios_of(mean_weight, config.logits),
+        ratios_of(var_weight, config.logits), weight, bias, running_mean, running_var,
+        num_batches_tracked, use_batch_stats, config.momentum, config.eps, sync)
     view = (num_samples, channels) + (1,) * (x.dim() - 2)
     # One pass over x: y = x * scale + shift, computed in the statistics dtype.
     y = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
@@ -195,10 +195,6 @@ def inverse_sqrt_eigh(cov: Tensor) -> Tensor:
             ) @ eigvecs.transpose(-1, -2)
 
 
-#: Order of the SW statistics in the ratio vectors, per sw_type.
-SW_STATISTICS = {2: ('bw', 'iw'), 3: ('bw', 'iw', 'ln'), 5: ('bw', 'iw', 'bn', 'in', 'ln')}
-
-
 def group_batch_moments(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int,
                         sync: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Batch (BW) mean ``(G, c)`` and population covariance ``(G, c, c)`` from IW moments."""
@@ -206,7 +202,7 @@ def group_batch_moments(mean_iw: Tensor, cov_iw: Tensor, numel_per_instance: int
     groups, c = mean_iw.shape[1:]
     counts = mean_iw.new_full((num_samples,), float(numel_per_instance))
     local_count, mean, m2 = merge_covariance_moments(counts, mean_iw, cov_iw * numel_per_instance)
-    if sync is not None and sync_world_size(sync) > 1:
+    if pooled_processes(sync) > 1:
         part = torch.cat([local_count.reshape(1), mean.reshape(-1), m2.reshape(-1)])
         parts = all_gather_parts(part, sync)
         size = groups * c
@@ -293,42 +289,36 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     return whitening, mean, shift
 
 
-def switch_whiten_reference(x: Tensor, mean_ratio: Tensor, var_ratio: Tensor,
+def switch_whiten_reference(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                             weight: Optional[Tensor], bias: Optional[Tensor],
                             running_mean: Optional[Tensor], running_cov: Optional[Tensor],
-                            num_batches_tracked: Optional[Tensor], use_batch_stats: bool,
-                            num_pergroup: int, sw_type: int, T: int,
-                            momentum: Optional[float], eps: float, method: str = 'newton',
-                            sync: Optional[object] = None) -> Tensor:
+                            num_batches_tracked: Optional[Tensor], config: SWConfig, *,
+                            use_batch_stats: bool, sync: Optional[object] = None) -> Tensor:
     """Switchable Whitening, the reference path.
 
     Args:
-        x (Tensor): ``(N, C, H, W)`` input, ``C`` a multiple of ``num_pergroup``.
-        mean_ratio (Tensor): ``(sw_type,)`` ratios in the order of ``SW_STATISTICS``.
-        var_ratio (Tensor): the same for the covariance.
+        x (Tensor): ``(N, C, H, W)`` input, ``C`` a multiple of ``config.num_pergroup``.
+        mean_weight (Tensor): ``(sw_type,)`` ratio logits (``config.logits``) or ratios, in
+            the order of ``SW_STATISTICS``.
+        var_weight (Tensor): the same for the covariance.
         weight (Tensor, optional): ``(C,)`` scale. bias (Tensor, optional): ``(C,)`` shift.
         running_mean (Tensor, optional): ``(G, c, 1)`` buffer (the BW mean).
         running_cov (Tensor, optional): ``(G, c, c)`` buffer (unbiased BW covariance).
         num_batches_tracked (Tensor, optional): counter for ``momentum=None``.
+        config (SWConfig): num_pergroup, sw_type, T, momentum, eps, method, logits.
         use_batch_stats (bool): BW/BN from the batch (training) or from the buffers.
-        num_pergroup (int): channels per whitening group ``c``.
-        sw_type (int): 2, 3 or 5 (see ``SW_STATISTICS``).
-        T (int): Newton's iterations.
-        momentum (float, optional): PyTorch convention; None is the cumulative average.
-        eps (float): added to the diagonal of the mixed covariance.
-        method (str): 'newton' (the paper's) or 'eigh' (exact).
         sync (ProcessGroup, optional): the group whose whole batch the BW branch pools
             (synchronized layers); None: this process's batch.
 
     Returns:
         Tensor: the whitened input, same shape, dtype and memory format as ``x``.
     """
-    num_samples, channels = x.shape[:2]
-    mean_iw, cov_iw = group_instance_moments(x, num_pergroup)
+    mean_iw, cov_iw = group_instance_moments(x, config.num_pergroup)
     matrix, centre, shift = switch_whiten_coefficients(
-        mean_iw, cov_iw, math.prod(x.shape[2:]), mean_ratio, var_ratio, weight, bias,
-        running_mean, running_cov, num_batches_tracked, use_batch_stats, sw_type, T,
-        momentum, eps, method, sync)
+        mean_iw, cov_iw, math.prod(x.shape[2:]), ratios_of(mean_weight, config.logits),
+        ratios_of(var_weight, config.logits), weight, bias, running_mean, running_cov,
+        num_batches_tracked, use_batch_stats, config.sw_type, config.T, config.momentum,
+        config.eps, config.method, sync)
     xg = x.to(mean_iw.dtype).reshape(mean_iw.shape + (math.prod(x.shape[2:]),))
     y = torch.matmul(matrix, xg - centre[..., None]) + shift[..., None]
     return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))

@@ -21,43 +21,17 @@ differentiates that, so second-order gradients are exact.
 
 Needs torch >= 2.4 (``torch.library.custom_op``).
 """
-import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .distributed import sync_world_size
-from .launching import (accumulator, as_ncl, cdiv, flat_grid, has_work, in_layout_of, launch,
-                        next_pow2, no_running_statistics, positions, split_reduction, strides,
-                        viewable)
-from .reference import ratios_of, stats_dtype, switch_norm_reference
-
-
-@dataclasses.dataclass(frozen=True)
-class SNConfig:
-    """What an SN call does besides its tensors: built once per call, passed by name down
-    to the launches.
-
-    Attributes:
-        use_batch_stats (bool): BN from the batch (and the running statistics updated) or
-            from the running statistics.
-        momentum (float, optional): PyTorch's convention; None for a cumulative average.
-        eps (float): added to the mixed variance.
-        logits (bool): the ratio inputs are logits (the kernels apply the softmax) or ratios.
-        sync (ProcessGroup, optional): the group whose whole batch BN pools (synchronized
-            layers); None: this process's batch.
-    """
-    use_batch_stats: bool
-    momentum: Optional[float]
-    eps: float
-    logits: bool = True
-    sync: Optional[object] = None
-
-    @property
-    def world(self) -> int:
-        """Processes whose batches BN pools (1 unless synchronized over several)."""
-        return 1 if self.sync is None else sync_world_size(self.sync)
+from .configs import SNConfig
+from .distributed import pooled_processes
+from .launching import (accumulator, as_ncl, cdiv, exact_gradients, flat_grid, has_work,
+                        in_layout_of, launch, next_pow2, no_running_statistics, positions,
+                        split_reduction, strides, viewable)
+from .reference import stats_dtype, switch_norm_reference
 
 
 class SNSaved(NamedTuple):
@@ -126,7 +100,7 @@ def _mixing_plan(n: int, c: int, backward: bool = False) -> dict:
 
 def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], running: Optional[Tuple[Tensor, Tensor, Tensor]],
-               config: SNConfig,
+               config: SNConfig, *, use_batch_stats: bool, sync: Optional[object] = None,
                updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
                ) -> Tuple[Tensor, SNSaved]:
     """SN forward on the kernels: moments pass, mixing kernel, normalize pass (synchronized:
@@ -139,7 +113,11 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
             ratios.
         weight, bias (Tensor, optional): ``(C,)`` affine parameters.
         running (tuple, optional): ``(running_mean, running_var, num_batches_tracked)``.
-        config (SNConfig): what the call does.
+        config (SNConfig): the layer's options.
+        use_batch_stats (bool): BN from the batch (the running statistics updated) or from
+            the running statistics.
+        sync (ProcessGroup, optional): the group whose whole batch BN pools; None: this
+            process's batch.
         updated (tuple, optional): where the updated running statistics go; defaults to
             ``running`` itself (in place).
 
@@ -164,10 +142,10 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
         launch(_moments_kernel, plan.reduce_grid, x_ptr=x, pivot_ptr=pivot,
                mean_ptr=partial_means, m2_ptr=partial_m2s, C=c, L=length, NC=n * c,
                programs=plan.programs, chunk=plan.chunk, **strides(x), **plan.meta(dtype))
-    update = config.use_batch_stats and running is not None and k == 3
+    update = use_batch_stats and running is not None and k == 3
     running = running if running is not None else (stats, stats, stats)
     updated = updated if updated is not None else running
-    world = config.world
+    world = pooled_processes(sync)
     # (unused pointers get any tensor: stats)
     arguments = dict(
         pivot_ptr=pivot, part_mean_ptr=partial_means, part_m2_ptr=partial_m2s,
@@ -178,14 +156,14 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
         parts_ptr=stats, mean_in_ptr=mean_in, var_in_ptr=var_in, stats_ptr=stats,
         scale_ptr=scale, shift_ptr=shift, N=n, C=c, L=length, S=splits, chunk=chunk, R=world,
         momentum=0.0 if config.momentum is None else config.momentum, eps=config.eps, K=k,
-        LOGITS=config.logits, AFFINE=weight is not None, BATCH=config.use_batch_stats,
-        UPDATE=update, CUMULATIVE=config.momentum is None, ACC=accumulator(dtype),
+        LOGITS=config.logits, AFFINE=weight is not None, BATCH=use_batch_stats, UPDATE=update,
+        CUMULATIVE=config.momentum is None, ACC=accumulator(dtype),
         **_mixing_plan(n, c))
-    if world > 1 and config.use_batch_stats and k == 3:
+    if world > 1 and use_batch_stats and k == 3:
         local = x.new_empty(1 + 2 * c, dtype=dtype)
         launch(_mix_forward_kernel, (1,), **dict(arguments, parts_ptr=local), STAGE=1)
         gathered = x.new_empty(world * (1 + 2 * c), dtype=dtype)  # (gloo wants it flat)
-        torch.distributed.all_gather_into_tensor(gathered, local, group=config.sync)
+        torch.distributed.all_gather_into_tensor(gathered, local, group=sync)
         launch(_mix_forward_kernel, (1,), **dict(arguments, parts_ptr=gathered), STAGE=2)
     else:
         launch(_mix_forward_kernel, (1,), **arguments, STAGE=0)
@@ -199,11 +177,13 @@ def sn_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
 
 
 def sn_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
-                weight: Optional[Tensor], saved: SNSaved, config: SNConfig,
+                weight: Optional[Tensor], saved: SNSaved, config: SNConfig, *,
+                use_batch_stats: bool, sync: Optional[object] = None,
                 input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
     """SN backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
     product (synchronized: two stages around one all-reduce of the BN moments' gradients),
-    the ``dx`` pass. ``x``, the parameters and ``saved`` as :func:`sn_forward` had them.
+    the ``dx`` pass. ``x``, the parameters, ``saved`` and the options as :func:`sn_forward`
+    had them.
 
     Returns:
         tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_weight``,
@@ -241,11 +221,10 @@ def sn_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
         d_var_logit_ptr=d_var_weight, d_weight_ptr=stats if d_weight is None else d_weight,
         d_bias_ptr=stats if d_bias is None else d_bias, a_ptr=a, b_ptr=b, N=n, C=c, L=length,
         S=splits, eps=config.eps, K=k, LOGITS=config.logits, AFFINE=affine,
-        BATCH=config.use_batch_stats, ACC=accumulator(dtype),
-        **_mixing_plan(n, c, backward=True))
-    if config.use_batch_stats and k == 3 and config.world > 1:
+        BATCH=use_batch_stats, ACC=accumulator(dtype), **_mixing_plan(n, c, backward=True))
+    if use_batch_stats and k == 3 and pooled_processes(sync) > 1:
         launch(_mix_backward_kernel, (1,), **arguments, STAGE=1)
-        torch.distributed.all_reduce(grad_stats[2 * n:], group=config.sync)
+        torch.distributed.all_reduce(grad_stats[2 * n:], group=sync)
         launch(_mix_backward_kernel, (1,), **arguments, STAGE=2)
     else:
         launch(_mix_backward_kernel, (1,), **arguments, STAGE=0)
@@ -263,52 +242,47 @@ def sn_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
 
 # ------------------------------------------------------------------------- eager autograd
 
-def _reference_backward(inputs, needs, stats, dy, config: SNConfig):
-    """Differentiable gradients of the inputs that need one, through the reference."""
+def _reference_for_backward(inputs, saved: SNSaved, options) -> Tensor:
+    """The layer recomputed with the reference, for gradients with grad mode on
+    (:func:`~mmsn.ops.launching.exact_gradients`)."""
     x, mean_weight, var_weight, weight, bias = inputs
+    config, use_batch_stats, sync = options
     n, c = x.shape[:2]
     running = (None, None)
-    if not config.use_batch_stats:  # the running statistics as the forward read them
-        running = (stats[2 * n:2 * n + c], stats[2 * n + c:2 * n + 2 * c])
-    with torch.enable_grad():
-        y = switch_norm_reference(
-            x, ratios_of(mean_weight, config.logits), ratios_of(var_weight, config.logits),
-            weight, bias, *running, None, use_batch_stats=config.use_batch_stats,
-            momentum=config.momentum, eps=config.eps, sync=config.sync)
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-    return tuple(next(grads) if need else None for need in needs)
+    if not use_batch_stats:  # the running statistics as the forward read them
+        running = (saved.stats[2 * n:2 * n + c], saved.stats[2 * n + c:2 * n + 2 * c])
+    return switch_norm_reference(x, mean_weight, var_weight, weight, bias, *running, None,
+                                 config, use_batch_stats=use_batch_stats, sync=sync)
+
+
+def _eager_backward(dy, inputs, saved: SNSaved, options, input_grad: bool):
+    x, mean_weight, var_weight, weight, _ = inputs
+    config, use_batch_stats, sync = options
+    return sn_backward(dy, x, mean_weight, var_weight, weight, saved, config,
+                       use_batch_stats=use_batch_stats, sync=sync, input_grad=input_grad)
 
 
 class _SwitchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                num_batches_tracked, config: SNConfig):
+                num_batches_tracked, config: SNConfig, use_batch_stats: bool, sync):
         running = None if running_mean is None else \
             (running_mean, running_var, num_batches_tracked)
-        y, saved = sn_forward(x, mean_weight, var_weight, weight, bias, running, config)
+        y, saved = sn_forward(x, mean_weight, var_weight, weight, bias, running, config,
+                              use_batch_stats=use_batch_stats, sync=sync)
         ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, *saved)
-        ctx.config = config
+        ctx.options = (config, use_batch_stats, sync)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
-        saved = SNSaved(*saved)
-        config = ctx.config
-        needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():
-            grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
-                                        saved.stats, dy, config)
-        else:
-            grads = sn_backward(dy, x, mean_weight, var_weight, weight, saved, config,
-                                input_grad=needs[0])
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
-        return grads + (None,) * 4
+        return exact_gradients(ctx, dy, SNSaved, _reference_for_backward,
+                               _eager_backward) + (None,) * 6
 
 
 # ------------------------------------------------------------------- torch.compile: custom ops
+# (custom ops take scalars, not a config: they rebuild it; they take no process group)
 
 @torch.library.custom_op('mmsn::sn_forward', mutates_args=())
 def _sn_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
@@ -325,10 +299,9 @@ def _sn_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
     else:
         running = (running_mean, running_var, num_batches_tracked)
         new = updated = tuple(t.clone() for t in running)
-    config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
-                      logits=logits)
+    config = SNConfig(momentum=momentum, eps=eps, logits=logits)
     y, saved = sn_forward(x, mean_weight, var_weight, weight, bias, running, config,
-                          updated=updated)
+                          use_batch_stats=use_batch_stats, updated=updated)
     return (y,) + tuple(saved) + new
 
 
@@ -351,9 +324,10 @@ def _sn_backward_op(dy: Tensor, x: Tensor, mean_in: Tensor, var_in: Tensor, stat
                     scale: Tensor, mean_weight: Tensor, var_weight: Tensor,
                     weight: Optional[Tensor], use_batch_stats: bool, eps: float, logits: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    config = SNConfig(use_batch_stats=use_batch_stats, momentum=None, eps=eps, logits=logits)
+    config = SNConfig(momentum=None, eps=eps, logits=logits)  # (momentum: forward only)
     dx, d_mean_weight, d_var_weight, d_weight, d_bias = sn_backward(
-        dy, x, mean_weight, var_weight, weight, SNSaved(mean_in, var_in, stats, scale), config)
+        dy, x, mean_weight, var_weight, weight, SNSaved(mean_in, var_in, stats, scale), config,
+        use_batch_stats=use_batch_stats)
     if weight is None:
         d_weight, d_bias = (x.new_empty(0, dtype=torch.float32) for _ in range(2))
     return dx, d_mean_weight, d_var_weight, d_weight, d_bias
@@ -373,34 +347,30 @@ def _sn_op_setup(ctx, inputs, output):
     ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, *output[1:5])
     ctx.mark_non_differentiable(*output[1:])
     use_batch_stats, momentum, eps, logits = inputs[8:]
-    ctx.config = SNConfig(use_batch_stats=use_batch_stats, momentum=momentum, eps=eps,
-                          logits=logits)
+    ctx.options = (SNConfig(momentum=momentum, eps=eps, logits=logits), use_batch_stats, None)
+
+
+def _compiled_backward(dy, inputs, saved: SNSaved, options, input_grad: bool):
+    x, mean_weight, var_weight, weight, _ = inputs
+    config, use_batch_stats, _ = options
+    return torch.ops.mmsn.sn_backward(dy, x, *saved, mean_weight, var_weight, weight,
+                                      use_batch_stats, config.eps, config.logits)
 
 
 def _sn_op_backward(ctx, dy, *unused):
-    x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
-    saved = SNSaved(*saved)
-    config = ctx.config
-    needs = ctx.needs_input_grad[:5]
-    if torch.is_grad_enabled():
-        grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
-                                    saved.stats, dy, config)
-    else:
-        grads = torch.ops.mmsn.sn_backward(dy, x, *saved, mean_weight, var_weight, weight,
-                                           config.use_batch_stats, config.eps, config.logits)
-        grads = tuple(g if need else None for g, need in zip(grads, needs))
-    return grads + (None,) * 7
+    return exact_gradients(ctx, dy, SNSaved, _reference_for_backward,
+                           _compiled_backward) + (None,) * 7
 
 
 _sn_forward_op.register_autograd(_sn_op_backward, setup_context=_sn_op_setup)
 
 
 def _switch_norm_compiled(x, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                          num_batches_tracked, config: SNConfig):
+                          num_batches_tracked, config: SNConfig, use_batch_stats: bool):
     outputs = torch.ops.mmsn.sn_forward(
         x, mean_weight, var_weight, weight, bias, running_mean, running_var,
-        num_batches_tracked, config.use_batch_stats, config.momentum, config.eps, config.logits)
-    if running_mean is not None and config.use_batch_stats:
+        num_batches_tracked, use_batch_stats, config.momentum, config.eps, config.logits)
+    if running_mean is not None and use_batch_stats:
         for buffer, new in zip((running_mean, running_var, num_batches_tracked), outputs[5:]):
             buffer.copy_(new.detach())
     return outputs[0]
@@ -409,21 +379,22 @@ def _switch_norm_compiled(x, mean_weight, var_weight, weight, bias, running_mean
 def switch_norm_triton(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                        weight: Optional[Tensor], bias: Optional[Tensor],
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                       num_batches_tracked: Optional[Tensor], config: SNConfig,
+                       num_batches_tracked: Optional[Tensor], config: SNConfig, *,
+                       use_batch_stats: bool, sync: Optional[object] = None,
                        compiling: bool = False) -> Tensor:
-    """Switchable Normalization on the Triton kernels; the tensors as for
-    :func:`~mmsn.ops.reference.switch_norm_reference`, except that ``mean_weight`` and
-    ``var_weight`` are logits when ``config.logits`` (else ratios); ``compiling`` selects the
-    custom ops that torch.compile traces."""
+    """Switchable Normalization on the Triton kernels; the arguments as for
+    :func:`~mmsn.ops.reference.switch_norm_reference`; ``compiling`` selects the custom ops
+    that torch.compile traces."""
     if not compiling:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x)
     if config.momentum is None and num_batches_tracked is None and running_mean is not None:
         raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
-    if compiling and config.world == 1:
+    if compiling and pooled_processes(sync) == 1:
         return _switch_norm_compiled(x, mean_weight, var_weight, weight, bias, running_mean,
-                                     running_var, num_batches_tracked, config)
+                                     running_var, num_batches_tracked, config, use_batch_stats)
     return _SwitchNormFunction.apply(x, mean_weight, var_weight, weight, bias, running_mean,
-                                     running_var, num_batches_tracked, config)
+                                     running_var, num_batches_tracked, config, use_batch_stats,
+                                     sync)
 
 
-__all__ = ['switch_norm_triton', 'sn_forward', 'sn_backward', 'SNConfig', 'SNSaved', 'SNPlan']
+__all__ = ['switch_norm_triton', 'sn_forward', 'sn_backward', 'SNSaved', 'SNPlan']

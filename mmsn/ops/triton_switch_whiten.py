@@ -19,16 +19,17 @@ differentiates the reference instead.
 Names: ``num_pergroup`` (channels per group) and ``T`` (Newton's iterations) are the
 authors'; the kernels spell them ``C_PER`` and ``ITERATIONS`` (constexprs).
 """
-import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .distributed import sync_world_size
-from .launching import (accumulator, as_groups, block_size, cdiv, flat_grid, has_work, launch,
-                        no_running_statistics, positions, split_reduction, strides, viewable)
-from .reference import ratios_of, stats_dtype, switch_whiten_reference
+from .configs import SWConfig
+from .distributed import pooled_processes
+from .launching import (accumulator, as_groups, block_size, cdiv, exact_gradients, flat_grid,
+                        has_work, launch, no_running_statistics, positions, split_reduction,
+                        strides, viewable)
+from .reference import stats_dtype, switch_whiten_reference
 
 #: SW group sizes the kernels take (``tl.dot`` needs power-of-two sides of at least 16)
 KERNEL_GROUP_SIZES = (16, 32, 64)
@@ -106,38 +107,6 @@ def _sw_mixing_options(kernel: str, num_pergroup: int, dtype: torch.dtype) -> di
 _NEWTON_IN_REGISTERS = (16, 32)
 
 
-@dataclasses.dataclass(frozen=True)
-class SWConfig:
-    """What an SW call does besides its tensors: built once per call, passed by name down
-    to the launches.
-
-    Attributes:
-        use_batch_stats (bool): BW from the batch (and the running statistics updated) or
-            from the running statistics.
-        num_pergroup (int): channels per group (16, 32 or 64 on the kernels).
-        sw_type (int): how many statistics are mixed (``SW_STATISTICS[sw_type]``).
-        T (int): Newton's iterations.
-        momentum (float, optional): PyTorch's convention; None for a cumulative average.
-        eps (float): added to the mixed covariance's diagonal.
-        logits (bool): the ratio inputs are logits (the kernels apply the softmax) or ratios.
-        sync (ProcessGroup, optional): the group whose whole batch BW pools (synchronized
-            layers); None: this process's batch.
-    """
-    use_batch_stats: bool
-    num_pergroup: int
-    sw_type: int
-    T: int
-    momentum: Optional[float]
-    eps: float
-    logits: bool = True
-    sync: Optional[object] = None
-
-    @property
-    def world(self) -> int:
-        """Processes whose batches BW pools (1 unless synchronized over several)."""
-        return 1 if self.sync is None else sync_world_size(self.sync)
-
-
 class SWSaved(NamedTuple):
     """What :func:`sw_forward` keeps for :func:`sw_backward` besides the inputs."""
     mean: Tensor    #: ``(N, G, c)`` IW means
@@ -197,22 +166,33 @@ def sw_moments(x: Tensor, num_pergroup: int) -> Tuple[Tensor, Tensor]:
     return first + mean, cov
 
 
+def _pointwise_pass(kernel, kind: str, x: Tensor, num_pergroup: int, dtype: torch.dtype,
+                    output: str, streams: Optional[dict] = None, **arguments) -> Tensor:
+    """One of SW's pointwise passes: ``kernel`` over each (n, group)'s positions of ``x``,
+    writing a tensor like ``x`` (argument ``{output}_ptr``, strides ``{output}_stride_*``);
+    ``streams``: the other tensors like ``x`` it reads, by argument name."""
+    x4 = _groups_view(x, num_pergroup)
+    result = torch.empty_like(x)
+    n, groups, c, length = x4.shape
+    if has_work(n, groups, length):
+        views = {output: as_groups(result, num_pergroup)}
+        views.update((name, _groups_view(t, num_pergroup)) for name, t in (streams or {}).items())
+        for name, view in views.items():
+            arguments.update({f'{name}_ptr': view}, **strides(view, f'{name}_'))
+        options = _pass_options(c, dtype, length, kind)
+        grid = flat_grid(n * groups, cdiv(length, options['BLOCK']))
+        launch(kernel, grid, x_ptr=x4, G=groups, L=length, NG=n * groups, **strides(x4),
+               **arguments, **options)
+    return result
+
+
 def sw_whiten(x: Tensor, matrix: Tensor, centre: Tensor, shift: Tensor,
               num_pergroup: int) -> Tensor:
     """``y = matrix @ (x - centre) + shift`` on each (n, group): ``matrix`` ``(N, G, c, c)``,
     ``centre`` and ``shift`` ``(N, G, c)``, computed in their dtype."""
     from ..kernels.switch_whiten import _whiten_kernel
-    x4 = _groups_view(x, num_pergroup)
-    y = torch.empty_like(x)
-    n, groups, c, length = x4.shape
-    if has_work(n, groups, length):
-        y4 = as_groups(y, num_pergroup)
-        options = _pass_options(c, matrix.dtype, length, 'whiten')
-        grid = flat_grid(n * groups, cdiv(length, options['BLOCK']))
-        launch(_whiten_kernel, grid, x_ptr=x4, y_ptr=y4, matrix_ptr=matrix, centre_ptr=centre,
-               shift_ptr=shift, G=groups, L=length, NG=n * groups, **strides(x4),
-               **strides(y4, 'y_'), **options)
-    return y
+    return _pointwise_pass(_whiten_kernel, 'whiten', x, num_pergroup, matrix.dtype, 'y',
+                           matrix_ptr=matrix, centre_ptr=centre, shift_ptr=shift)
 
 
 def sw_grad_sums(x: Tensor, dy: Tensor, centre: Tensor,
@@ -240,23 +220,15 @@ def sw_grad_input(x: Tensor, dy: Tensor, matrix: Tensor, moment: Tensor, mean: T
                   vector: Tensor, num_pergroup: int) -> Tensor:
     """``dx = matrix^T @ dy + moment @ (x - mean) + vector`` on each (n, group), one pass."""
     from ..kernels.switch_whiten import _whiten_grad_input_kernel
-    x4, dy4 = _groups_view(x, num_pergroup), _groups_view(dy, num_pergroup)
-    dx = torch.empty_like(x)
-    n, groups, c, length = x4.shape
-    if has_work(n, groups, length):
-        dx4 = as_groups(dx, num_pergroup)
-        options = _pass_options(c, matrix.dtype, length, 'grad_input')
-        grid = flat_grid(n * groups, cdiv(length, options['BLOCK']))
-        launch(_whiten_grad_input_kernel, grid, x_ptr=x4, dy_ptr=dy4, dx_ptr=dx4,
-               matrix_ptr=matrix, moment_ptr=moment, mean_ptr=mean, vector_ptr=vector,
-               G=groups, L=length, NG=n * groups, **strides(x4), **strides(dy4, 'dy_'),
-               **strides(dx4, 'dx_'), **options)
-    return dx
+    return _pointwise_pass(_whiten_grad_input_kernel, 'grad_input', x, num_pergroup,
+                           matrix.dtype, 'dx', streams=dict(dy=dy), matrix_ptr=matrix,
+                           moment_ptr=moment, mean_ptr=mean, vector_ptr=vector)
 
 
 def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], running: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
-               config: SWConfig, updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+               config: SWConfig, *, use_batch_stats: bool, sync: Optional[object] = None,
+               updated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
                ) -> Tuple[Tensor, SWSaved]:
     """SW forward on the kernels: moments pass, BW moments (training; synchronized: two
     stages around one all-gather of the packed moments), mixing kernel, whitening pass.
@@ -268,9 +240,9 @@ def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
             ratios.
         weight, bias (Tensor, optional): ``(C,)`` affine parameters.
         running (tuple, optional): ``(running_mean, running_cov, num_batches_tracked)``.
-        config (SWConfig): what the call does.
-        updated (tuple, optional): where the updated running statistics go; defaults to
-            ``running`` itself (in place).
+        config (SWConfig): the layer's options (Newton's iteration: ``method`` is not read).
+        use_batch_stats, sync, updated: as for
+            :func:`~mmsn.ops.triton_switch_norm.sn_forward`, for BW.
 
     Returns:
         tuple: ``y`` and what the backward needs (:class:`SWSaved`).
@@ -281,17 +253,17 @@ def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
     dtype = stats_dtype(x)
     mean, cov = sw_moments(x, num_pergroup)
     batch = x.new_empty(groups * c + groups * c * c + 1, dtype=dtype)
-    if not config.use_batch_stats and running is None:
+    if not use_batch_stats and running is None:
         raise ValueError('use_batch_stats=False needs running_mean and running_cov')
-    update = config.use_batch_stats and running is not None
+    update = use_batch_stats and running is not None
     if running is None:
         running = (batch, batch, None)
     if running[2] is None:  # (the counter is read only for momentum=None, which needs one)
         running = running[:2] + (x.new_empty((), dtype=torch.long),)
     updated = updated if updated is not None else running
     common = dict(C_PER=c, ACC=accumulator(dtype))
-    if config.use_batch_stats:
-        world = config.world
+    if use_batch_stats:
+        world = pooled_processes(sync)
         arguments = dict(
             mean_ptr=mean, cov_ptr=cov, parts_ptr=batch, batch_ptr=batch,
             running_mean_ptr=running[0], running_cov_ptr=running[1], new_mean_ptr=updated[0],
@@ -303,7 +275,7 @@ def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
             local = x.new_empty(1 + groups * c + groups * c * c, dtype=dtype)
             launch(_sw_batch_kernel, (groups,), **dict(arguments, parts_ptr=local), STAGE=1)
             gathered = x.new_empty(world * local.numel(), dtype=dtype)  # (gloo wants it flat)
-            torch.distributed.all_gather_into_tensor(gathered, local, group=config.sync)
+            torch.distributed.all_gather_into_tensor(gathered, local, group=sync)
             launch(_sw_batch_kernel, (groups,), **dict(arguments, parts_ptr=gathered),
                    STAGE=2)
         else:
@@ -322,7 +294,7 @@ def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
            new_tracked_ptr=updated[2], matrix_ptr=matrix, centre_ptr=centre, shift_ptr=shift,
            scratch_ptr=x.new_empty((n, groups, 4 if scratch else 0, c, c), dtype=dtype), N=n,
            G=groups, eps=config.eps, K=config.sw_type, LOGITS=config.logits,
-           AFFINE=weight is not None, BIAS=bias is not None, BATCH=config.use_batch_stats,
+           AFFINE=weight is not None, BIAS=bias is not None, BATCH=use_batch_stats,
            UPDATE=update, SCRATCH=scratch, ITERATIONS=config.T, PRECISION='ieee', **common,
            **_sw_mixing_options('forward', c, dtype))
     y = sw_whiten(x, matrix, centre, shift, num_pergroup)
@@ -331,11 +303,12 @@ def sw_forward(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optio
 
 def sw_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                 weight: Optional[Tensor], bias: Optional[Tensor], saved: SWSaved,
-                config: SWConfig, input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
+                config: SWConfig, *, use_batch_stats: bool, sync: Optional[object] = None,
+                input_grad: bool = True) -> Tuple[Optional[Tensor], ...]:
     """SW backward on the kernels: the ``dy`` sums pass, the mixing step's vector-Jacobian
     product (per instance, per group, per instance; synchronized layers all-reduce the BW
-    moments' gradients in between), the ``dx`` pass. ``x``, the parameters and ``saved`` as
-    :func:`sw_forward` had them.
+    moments' gradients in between), the ``dx`` pass. ``x``, the parameters, ``saved`` and
+    the options as :func:`sw_forward` had them.
 
     Returns:
         tuple: ``dx`` (None unless ``input_grad``) and the gradients of ``mean_weight``,
@@ -376,10 +349,10 @@ def sw_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
            d_weight_ptr=batch if d_weight is None else d_weight,
            d_bias_ptr=batch if d_bias is None else d_bias, d_mean_logit_ptr=d_mean_weight,
            d_var_logit_ptr=d_var_weight, N=n, G=groups, S=splits, AFFINE=affine,
-           BIAS=bias is not None, BATCH=config.use_batch_stats, **common,
+           BIAS=bias is not None, BATCH=use_batch_stats, **common,
            **_sw_mixing_options('batch_backward', c, dtype))
-    if config.use_batch_stats and config.world > 1:
-        torch.distributed.all_reduce(grad_batch, group=config.sync)
+    if use_batch_stats and pooled_processes(sync) > 1:
+        torch.distributed.all_reduce(grad_batch, group=sync)
     dx = None
     if input_grad:
         moment = x.new_empty((n, groups, c, c), dtype=dtype)
@@ -389,7 +362,7 @@ def sw_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                    batch_ptr=batch, d_cov_ptr=d_cov, d_centre_ptr=d_centre,
                    partial_ptr=partial, grad_batch_ptr=grad_batch, mean_logit_ptr=mean_weight,
                    var_logit_ptr=var_weight, moment_ptr=moment, vector_ptr=vector, N=n,
-                   G=groups, L=length, BATCH=config.use_batch_stats, **common,
+                   G=groups, L=length, BATCH=use_batch_stats, **common,
                    **_sw_mixing_options('coefficients', c, dtype))
         dx = sw_grad_input(x, dy, saved.matrix, moment, mean, vector, num_pergroup)
     return dx, d_mean_weight, d_var_weight, d_weight, d_bias
@@ -397,54 +370,47 @@ def sw_backward(dy: Tensor, x: Tensor, mean_weight: Tensor, var_weight: Tensor,
 
 # ------------------------------------------------------------------------- eager autograd
 
-def _reference_backward(inputs, needs, batch, dy, config: SWConfig):
-    """Differentiable gradients of the inputs that need one, through the reference."""
+def _reference_for_backward(inputs, saved: SWSaved, options) -> Tensor:
+    """The layer recomputed with the reference, for gradients with grad mode on
+    (:func:`~mmsn.ops.launching.exact_gradients`)."""
     x, mean_weight, var_weight, weight, bias = inputs
+    config, use_batch_stats, sync = options
     groups, c = x.shape[1] // config.num_pergroup, config.num_pergroup
     running = (None, None)
-    if not config.use_batch_stats:  # the running statistics as the forward read them
-        mean, cov = batch_moments_views(batch, groups, c)
+    if not use_batch_stats:  # the running statistics as the forward read them
+        mean, cov = batch_moments_views(saved.batch, groups, c)
         running = (mean.reshape(groups, c, 1), cov.reshape(groups, c, c))
-    with torch.enable_grad():
-        y = switch_whiten_reference(
-            x, ratios_of(mean_weight, config.logits), ratios_of(var_weight, config.logits),
-            weight, bias, *running, None, use_batch_stats=config.use_batch_stats,
-            num_pergroup=config.num_pergroup, sw_type=config.sw_type, T=config.T,
-            momentum=config.momentum, eps=config.eps, method='newton', sync=config.sync)
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-    return tuple(next(grads) if need else None for need in needs)
+    return switch_whiten_reference(x, mean_weight, var_weight, weight, bias, *running, None,
+                                   config, use_batch_stats=use_batch_stats, sync=sync)
+
+
+def _eager_backward(dy, inputs, saved: SWSaved, options, input_grad: bool):
+    config, use_batch_stats, sync = options
+    return sw_backward(dy, *inputs, saved, config, use_batch_stats=use_batch_stats, sync=sync,
+                       input_grad=input_grad)
 
 
 class _SwitchWhitenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean_weight, var_weight, weight, bias, running_mean, running_cov,
-                num_batches_tracked, config: SWConfig):
+                num_batches_tracked, config: SWConfig, use_batch_stats: bool, sync):
         running = None if running_mean is None else \
             (running_mean, running_cov, num_batches_tracked)
-        y, saved = sw_forward(x, mean_weight, var_weight, weight, bias, running, config)
+        y, saved = sw_forward(x, mean_weight, var_weight, weight, bias, running, config,
+                              use_batch_stats=use_batch_stats, sync=sync)
         ctx.save_for_backward(x, mean_weight, var_weight, weight, bias, *saved)
-        ctx.config = config
+        ctx.options = (config, use_batch_stats, sync)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
-        saved = SWSaved(*saved)
-        config = ctx.config
-        needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():
-            grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
-                                        saved.batch, dy, config)
-        else:
-            grads = sw_backward(dy, x, mean_weight, var_weight, weight, bias, saved, config,
-                                input_grad=needs[0])
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
-        return grads + (None,) * 4
+        return exact_gradients(ctx, dy, SWSaved, _reference_for_backward,
+                               _eager_backward) + (None,) * 6
 
 
 # ------------------------------------------------------------------- torch.compile: custom ops
+# (custom ops take scalars, not a config: they rebuild it; they take no process group)
 
 @torch.library.custom_op('mmsn::sw_forward', mutates_args=())
 def _sw_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: Optional[Tensor],
@@ -464,10 +430,10 @@ def _sw_forward_op(x: Tensor, mean_weight: Tensor, var_weight: Tensor, weight: O
         new = updated = tuple(None if t is None else t.clone() for t in running)
         if num_batches_tracked is None:
             new = updated = new[:2] + (x.new_zeros((), dtype=torch.long),)
-    config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
-                      sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits)
+    config = SWConfig(num_pergroup=num_pergroup, sw_type=sw_type, T=T, momentum=momentum,
+                      eps=eps, logits=logits)
     y, saved = sw_forward(x, mean_weight, var_weight, weight, bias, running, config,
-                          updated=updated)
+                          use_batch_stats=use_batch_stats, updated=updated)
     return (y,) + tuple(saved) + tuple(new)
 
 
@@ -492,11 +458,11 @@ def _sw_backward_op(dy: Tensor, x: Tensor, mean: Tensor, cov: Tensor, batch: Ten
                     weight: Optional[Tensor], bias: Optional[Tensor], use_batch_stats: bool,
                     num_pergroup: int, sw_type: int, T: int, eps: float, logits: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
-                      sw_type=sw_type, T=T, momentum=None, eps=eps, logits=logits)
+    config = SWConfig(num_pergroup=num_pergroup, sw_type=sw_type, T=T, momentum=None, eps=eps,
+                      logits=logits)  # (momentum: forward only)
     dx, d_mean_weight, d_var_weight, d_weight, d_bias = sw_backward(
         dy, x, mean_weight, var_weight, weight, bias, SWSaved(mean, cov, batch, matrix, centre),
-        config)
+        config, use_batch_stats=use_batch_stats)
     empty = lambda: x.new_empty(0, dtype=torch.float32)  # noqa: E731
     return (dx, d_mean_weight, d_var_weight, empty() if d_weight is None else d_weight,
             empty() if d_bias is None else d_bias)
@@ -515,36 +481,33 @@ def _sw_op_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], *output[1:6])
     ctx.mark_non_differentiable(*output[1:])
     use_batch_stats, num_pergroup, sw_type, T, momentum, eps, logits = inputs[8:]
-    ctx.config = SWConfig(use_batch_stats=use_batch_stats, num_pergroup=num_pergroup,
-                          sw_type=sw_type, T=T, momentum=momentum, eps=eps, logits=logits)
+    config = SWConfig(num_pergroup=num_pergroup, sw_type=sw_type, T=T, momentum=momentum,
+                      eps=eps, logits=logits)
+    ctx.options = (config, use_batch_stats, None)
+
+
+def _compiled_backward(dy, inputs, saved: SWSaved, options, input_grad: bool):
+    config, use_batch_stats, _ = options
+    return torch.ops.mmsn.sw_backward(dy, inputs[0], *saved, *inputs[1:], use_batch_stats,
+                                      config.num_pergroup, config.sw_type, config.T,
+                                      config.eps, config.logits)
 
 
 def _sw_op_backward(ctx, dy, *unused):
-    x, mean_weight, var_weight, weight, bias, *saved = ctx.saved_tensors
-    saved = SWSaved(*saved)
-    config = ctx.config
-    needs = ctx.needs_input_grad[:5]
-    if torch.is_grad_enabled():
-        grads = _reference_backward((x, mean_weight, var_weight, weight, bias), needs,
-                                    saved.batch, dy, config)
-    else:
-        grads = torch.ops.mmsn.sw_backward(
-            dy, x, *saved, mean_weight, var_weight, weight, bias, config.use_batch_stats,
-            config.num_pergroup, config.sw_type, config.T, config.eps, config.logits)
-        grads = tuple(g if need else None for g, need in zip(grads, needs))
-    return grads + (None,) * 10
+    return exact_gradients(ctx, dy, SWSaved, _reference_for_backward,
+                           _compiled_backward) + (None,) * 10
 
 
 _sw_forward_op.register_autograd(_sw_op_backward, setup_context=_sw_op_setup)
 
 
 def _switch_whiten_compiled(x, mean_weight, var_weight, weight, bias, running_mean, running_cov,
-                            num_batches_tracked, config: SWConfig):
+                            num_batches_tracked, config: SWConfig, use_batch_stats: bool):
     outputs = torch.ops.mmsn.sw_forward(
         x, mean_weight, var_weight, weight, bias, running_mean, running_cov, num_batches_tracked,
-        config.use_batch_stats, config.num_pergroup, config.sw_type, config.T,
-        config.momentum, config.eps, config.logits)
-    if running_mean is not None and config.use_batch_stats:
+        use_batch_stats, config.num_pergroup, config.sw_type, config.T, config.momentum,
+        config.eps, config.logits)
+    if running_mean is not None and use_batch_stats:
         for buffer, new in zip((running_mean, running_cov, num_batches_tracked), outputs[6:]):
             if buffer is not None:
                 buffer.copy_(new.detach())
@@ -554,27 +517,29 @@ def _switch_whiten_compiled(x, mean_weight, var_weight, weight, bias, running_me
 def switch_whiten_triton(x: Tensor, mean_weight: Tensor, var_weight: Tensor,
                          weight: Optional[Tensor], bias: Optional[Tensor],
                          running_mean: Optional[Tensor], running_cov: Optional[Tensor],
-                         num_batches_tracked: Optional[Tensor], config: SWConfig,
-                         method: str = 'newton', compiling: bool = False) -> Tensor:
-    """Switchable Whitening on the Triton kernels; the tensors as for
-    :func:`~mmsn.ops.reference.switch_whiten_reference`, except that ``mean_weight`` and
-    ``var_weight`` are logits when ``config.logits`` (else ratios); ``compiling`` selects the
-    custom ops that torch.compile traces. Raises ``ValueError`` for a call the kernels do not
-    take (:func:`sw_kernels_refuse`)."""
-    refusal = sw_kernels_refuse(config.num_pergroup, method, x.dtype)
+                         num_batches_tracked: Optional[Tensor], config: SWConfig, *,
+                         use_batch_stats: bool, sync: Optional[object] = None,
+                         compiling: bool = False) -> Tensor:
+    """Switchable Whitening on the Triton kernels; the arguments as for
+    :func:`~mmsn.ops.reference.switch_whiten_reference`; ``compiling`` selects the custom
+    ops that torch.compile traces. Raises ``ValueError`` for a call the kernels do not take
+    (:func:`sw_kernels_refuse`)."""
+    refusal = sw_kernels_refuse(config.num_pergroup, config.method, x.dtype)
     if refusal:
         raise ValueError(f'{refusal} (use the reference: MMSN_BACKEND=torch)')
     if (config.momentum is None and num_batches_tracked is None and running_mean is not None
-            and config.use_batch_stats):
+            and use_batch_stats):
         raise ValueError('momentum=None (cumulative average) needs num_batches_tracked')
     if not compiling:  # (the ops make their own views; dynamo needs no try/except here)
         x = viewable(x, lambda t: as_groups(t, config.num_pergroup))
-    if compiling and config.world == 1:
+    if compiling and pooled_processes(sync) == 1:
         return _switch_whiten_compiled(x, mean_weight, var_weight, weight, bias, running_mean,
-                                       running_cov, num_batches_tracked, config)
+                                       running_cov, num_batches_tracked, config,
+                                       use_batch_stats)
     return _SwitchWhitenFunction.apply(x, mean_weight, var_weight, weight, bias, running_mean,
-                                       running_cov, num_batches_tracked, config)
+                                       running_cov, num_batches_tracked, config,
+                                       use_batch_stats, sync)
 
 
-__all__ = ['switch_whiten_triton', 'sw_forward', 'sw_backward', 'sw_kernels_refuse',
-           'SWConfig', 'SWSaved', 'KERNEL_GROUP_SIZES']
+__all__ = ['switch_whiten_triton', 'sw_forward', 'sw_backward', 'sw_kernels_refuse', 'SWSaved',
+           'KERNEL_GROUP_SIZES']
