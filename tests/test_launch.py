@@ -1,4 +1,4 @@
-"""mmsn.mm.launch: what tools/train.py and tools/test.py share."""
+"""mmsn.mm.launch and mmsn.mm.process_group: what tools/train.py and tools/test.py share."""
 import os
 import sys
 import textwrap
@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch.distributed as dist
 
-from mmsn.mm.launch import dist_timeout, finish_distributed
+from mmsn.mm.process_group import dist_timeout, finish_distributed
 from processes import run_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ def test_finish_distributed_destroys_the_process_group(tmp_path):
 # mmengine's runner holds it), collectives on temporary tensors, then the tools' ending.
 TRAINER = textwrap.dedent('''
     import sys, torch, torch.distributed as dist
-    from mmsn.mm.launch import _gloo_threads, finish_distributed
+    from mmsn.mm.process_group import _gloo_threads, finish_distributed
     dist.init_process_group('gloo')
 
     class Runner:

@@ -9,7 +9,7 @@ hook saves in the order that always leaves a complete checkpoint named by
 ``last_checkpoint``:
 
 1. the checkpoint is written to a temporary name in the same directory, fsynced, and renamed
-   to its final name (:func:`mmsn.checkpoint.atomic_write`, through the file backend
+   to its final name (:func:`mmsn.atomic_files.atomic_write`, through the file backend
    :class:`AtomicLocalBackend`, which mmengine's ``save_checkpoint`` is handed by name);
 2. ``last_checkpoint`` is rewritten the same way;
 3. only then are retired checkpoints removed (``max_keep_ckpts``; a previous best checkpoint
@@ -32,7 +32,7 @@ from mmengine.fileio import LocalBackend, get_file_backend, register_backend
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
-from ..checkpoint import atomic_write, is_partial_name
+from ..atomic_files import atomic_write, is_partial_name
 
 #: The name :class:`AtomicLocalBackend` is registered under in mmengine's file backends.
 ATOMIC_BACKEND = 'mmsn_atomic_local'
@@ -40,7 +40,7 @@ ATOMIC_BACKEND = 'mmsn_atomic_local'
 
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend whose ``put`` and ``put_text`` write a file atomically
-    (:func:`mmsn.checkpoint.atomic_write`): readers and kills see the old file or the
+    (:func:`mmsn.atomic_files.atomic_write`): readers and kills see the old file or the
     complete new one, never a part."""
 
     def put(self, obj: bytes, filepath) -> None:

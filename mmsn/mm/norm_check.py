@@ -4,7 +4,7 @@ the norm modules that changed, one line per module path."""
 import re
 from typing import Dict, List
 
-from .norm_switch import NormSwitchError
+from .config_edits import NormSwitchError
 
 def norm_modules(model) -> Dict[str, str]:
     """``{module path: class name}`` of every normalization layer of ``model``."""

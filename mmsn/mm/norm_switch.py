@@ -6,20 +6,20 @@
 the chosen norm, upstream's frozen-BN setup becomes what SN needs (``norm_eval=False``,
 trainable norms, no weight decay on norm parameters), heads without norms get one only
 when asked, and the backbone's pretrained weights are pointed at a converted checkpoint or
-dropped on request. It returns a report of every change and every thing left alone; it
-raises :class:`NormSwitchError`, before anything is trained, where it cannot rewrite the
-model safely. :func:`check_switched` then verifies the built model (no BatchNorm left
-where the switch should have reached), and :func:`module_changes` lists the norm modules
-that changed, one line per module path (both in ``norm_check.py``).
+dropped on request (``backbone_weights.py``). It returns a report of every change and
+every thing left alone (``config_edits.py``); it raises :class:`NormSwitchError`, before
+anything is trained, where it cannot rewrite the model safely. :func:`check_switched` then
+verifies the built model (no BatchNorm left where the switch should have reached), and
+:func:`module_changes` lists the norm modules that changed, one line per module path (both
+in ``norm_check.py``).
 """
 import copy
-import dataclasses
 import importlib
 import inspect
-import os
-import os.path as osp
-from typing import Iterator, List, Optional, Tuple
-from urllib.parse import urlparse
+from typing import Optional
+
+from .backbone_weights import set_backbone_weights
+from .config_edits import NormSwitchError, NormSwitchReport, train_norms, walk
 
 #: what ``--norm`` takes
 NORM_CHOICES = ('BN', 'SyncBN', 'GN', 'SN', 'SyncSN', 'SW', 'SyncSW')
@@ -31,35 +31,6 @@ SW_BACKBONES = ('ResNet',)
 #: box heads without norms, and their norm-carrying variant (``--norm-heads``)
 NORM_HEAD_VARIANTS = {'Shared2FCBBoxHead': 'Shared4Conv1FCBBoxHead'}
 _LEARNED = ('GN', 'SN', 'SyncSN', 'SW', 'SyncSW')   # norms trained, not frozen
-
-
-class NormSwitchError(ValueError):
-    """The config cannot be switched safely; nothing should be trained from it."""
-
-
-@dataclasses.dataclass
-class NormSwitchReport:
-    """What :func:`switch_config_norm` did: ``changes`` as (config path, old, new) and
-    ``notes`` for what it decided or left alone."""
-    norm: str
-    changes: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
-    notes: List[str] = dataclasses.field(default_factory=list)
-
-    def lines(self) -> List[str]:
-        return ([f'--norm {self.norm}:'] + [f'  {path}: {old} -> {new}'
-                                             for path, old, new in self.changes]
-                + [f'  note: {note}' for note in self.notes])
-
-
-def _walk(node, path: str) -> Iterator[Tuple[str, dict]]:
-    """Every dict under ``node`` (depth first) with its dotted path."""
-    if isinstance(node, dict):
-        yield path, node
-        for key, value in node.items():
-            yield from _walk(value, f'{path}.{key}')
-    elif isinstance(node, (list, tuple)):
-        for index, value in enumerate(node):
-            yield from _walk(value, f'{path}.{index}')
 
 
 def _describe(norm_cfg) -> str:
@@ -198,19 +169,19 @@ def _switch(cfg, norm, heads, pretrained, sw_layers, work_dir) -> NormSwitchRepo
     else:
         _switch_norm_cfgs(model, registry, norm, report)
     if norm in _LEARNED:
-        _train_norms(model, report)
+        train_norms(model, report)
         _no_norm_decay(cfg, report)
     if heads:
         _add_head_norms(model, registry, norm, report)
     else:
-        for path, node in _walk(model, 'model'):
+        for path, node in walk(model, 'model'):
             if path.startswith('model.backbone'):
                 continue
             takes, norm_cfg = _norm_of(registry, node, path)
             if node.get('type') in NORM_HEAD_VARIANTS or (takes and norm_cfg is None):
                 report.notes.append(f'{path} ({node["type"]}) has no norm: left so '
                                     '(--norm-heads adds one)')
-    _set_pretrained(cfg, norm, pretrained, sw_layers, work_dir, report)
+    set_backbone_weights(cfg, norm, pretrained, sw_layers, work_dir, report)
     return report
 
 
@@ -228,7 +199,7 @@ def _switch_norm_cfgs(model, registry, norm: str, report: NormSwitchReport) -> N
                 f'model.backbone ({backbone.get("type")}) takes no norm_cfg argument: its '
                 f'norms cannot be switched to {norm} from the config')
     switched = 0
-    for path, node in _walk(model, 'model'):
+    for path, node in walk(model, 'model'):
         takes, norm_cfg = _norm_of(registry, node, path)
         if not takes or not isinstance(norm_cfg, dict):
             continue
@@ -265,14 +236,6 @@ def _place_whitening(backbone, norm: str, sw_layers: str, report: NormSwitchRepo
     report.notes.append(f'the other norms keep {_describe(norm_cfg)}, trainable')
 
 
-def _train_norms(model, report: NormSwitchReport, why: str = '') -> None:
-    """``norm_eval=False`` wherever a component keeps its norms in eval mode."""
-    for path, node in _walk(model, 'model'):
-        if node.get('norm_eval'):
-            node['norm_eval'] = False
-            report.changes.append((f'{path}.norm_eval', 'True', f'False{why}'))
-
-
 def _no_norm_decay(cfg, report: NormSwitchReport) -> None:
     wrapper = cfg.get('optim_wrapper')
     if wrapper is None:
@@ -288,7 +251,7 @@ def _add_head_norms(model, registry, norm: str, report: NormSwitchReport) -> Non
     head_cfg = target_norm_cfg('SN' if norm in ('SW', 'SyncSW') else norm)
     if norm == 'SyncSW':
         head_cfg = target_norm_cfg('SyncSN')
-    for path, node in _walk(model, 'model'):
+    for path, node in walk(model, 'model'):
         if path.startswith('model.backbone'):
             continue
         if node.get('type') in NORM_HEAD_VARIANTS:
@@ -300,114 +263,3 @@ def _add_head_norms(model, registry, norm: str, report: NormSwitchReport) -> Non
             node['norm_cfg'] = copy.deepcopy(head_cfg)
             report.changes.append((f'{path}.norm_cfg ({node["type"]})', 'none',
                                    _describe(head_cfg)))
-
-
-def _checkpoint_url(spec: str) -> str:
-    """The http(s) URL behind mmengine's ``torchvision://`` / ``open-mmlab://`` names."""
-    from mmengine.runner.checkpoint import get_external_models, get_torchvision_models
-    if spec.startswith(('torchvision://', 'modelzoo://')):
-        try:
-            import torchvision  # noqa: F401  (mmengine reads its URL table)
-        except ImportError:
-            raise NormSwitchError(f'pretrained: {spec!r} names a torchvision model, and '
-                                  'torchvision is not installed') from None
-    for prefix, table in (('torchvision://', get_torchvision_models),
-                          ('open-mmlab://', get_external_models),
-                          ('openmmlab://', get_external_models)):
-        if spec.startswith(prefix):
-            urls = table()
-            name = spec[len(prefix):]
-            if name not in urls:
-                raise NormSwitchError(f'pretrained: mmengine knows no {spec!r}')
-            return urls[name]
-    return spec
-
-
-def local_checkpoint(spec: str) -> str:
-    """Where ``spec`` (a path, an URL or an mmengine model name) is on this machine: the
-    file itself, or torch's hub cache, where mmengine downloads it."""
-    url = _checkpoint_url(spec)
-    if not url.startswith(('http://', 'https://')):
-        return url
-    import torch
-    return osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(url).path))
-
-
-def _set_pretrained(cfg, norm: str, pretrained: str, sw_layers: str,
-                    work_dir: Optional[str], report: NormSwitchReport) -> None:
-    model = cfg.model
-    backbone = model.get('backbone') or {}
-    init_cfg = backbone.get('init_cfg')
-    upstream = model.get('pretrained')
-    if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-        upstream = init_cfg.get('checkpoint')
-    if pretrained == 'none':
-        _from_scratch(model, backbone, upstream, report)
-        return
-    if pretrained != 'auto':  # an already converted checkpoint
-        if not osp.isfile(pretrained):
-            raise NormSwitchError(f'--pretrained: {pretrained!r} does not exist')
-        _point_backbone_at(model, backbone, pretrained, report, str(upstream))
-        return
-    switched = any(path.startswith('model.backbone.') for path, _, _ in report.changes)
-    if norm in ('BN', 'SyncBN') or upstream is None or not switched:
-        if upstream is not None and not switched:
-            report.notes.append(f'the backbone keeps its norms and its weights ({upstream})')
-        return
-    needed = ('pass --pretrained FILE (a checkpoint of this backbone with the new norms) or '
-              '--no-pretrained to train from scratch')
-    if norm == 'GN':
-        raise NormSwitchError(f'--norm GN: the backbone starts from {upstream!r}, a BN model, '
-                              f'and GN has no conversion from it; {needed}')
-    if backbone.get('type') not in ('ResNet', 'SWResNet') or backbone.get('deep_stem'):
-        raise NormSwitchError(
-            f'--norm {norm}: the backbone ({backbone.get("type")}'
-            f'{", deep stem" if backbone.get("deep_stem") else ""}) starts from {upstream!r}; '
-            f'the converter takes BN ResNet v1 models with the 7x7 stem only; {needed}')
-    source = local_checkpoint(str(upstream))
-    if not osp.isfile(source):
-        raise NormSwitchError(
-            f'--norm {norm}: the backbone starts from {upstream!r}, expected on this machine '
-            f'at {source} (run once where it can download, or copy it there); or {needed}')
-    from ..converters.resnet import ConversionError, convert_checkpoint
-    out_dir = osp.join(work_dir or cfg.get('work_dir') or '.', 'pretrained')
-    placement = f'_{sw_layers}' if 'SW' in norm else ''
-    target = osp.join(out_dir, f'{osp.splitext(osp.basename(source))[0]}_'
-                               f'{norm.lower()}{placement}.pth')
-    if not osp.isfile(target):
-        os.makedirs(out_dir, exist_ok=True)
-        partial = f'{target}.{os.getpid()}'  # (every process converts; one replace wins)
-        try:
-            convert_checkpoint(source, partial, sw_layers=sw_layers if 'SW' in norm else None,
-                               log=lambda line: None)
-        except ConversionError as error:
-            raise NormSwitchError(f'--norm {norm}: {source} cannot be converted ({error}); '
-                                  f'{needed}') from error
-        os.replace(partial, target)
-    report.notes.append(f'{source} (BN) converted to {target} through sn2mm\'s BN path '
-                        '(uniform ratios, BN statistics as the running statistics)')
-    _point_backbone_at(model, backbone, target, report, str(upstream))
-
-
-def _from_scratch(model, backbone, upstream, report: NormSwitchReport) -> None:
-    """--no-pretrained: no backbone weights, and nothing frozen that only made sense with
-    them (frozen stages, norms in eval mode)."""
-    if upstream is not None:
-        backbone['init_cfg'] = None
-        if model.get('pretrained') is not None:
-            model['pretrained'] = None
-        report.changes.append(('model.backbone pretrained weights', str(upstream),
-                               'none (--no-pretrained: trained from scratch)'))
-    if backbone.get('frozen_stages', -1) >= 0:
-        report.changes.append(('model.backbone.frozen_stages', str(backbone['frozen_stages']),
-                               '-1 (nothing frozen from scratch)'))
-        backbone['frozen_stages'] = -1
-    _train_norms(model, report, ' (from scratch)')
-
-
-def _point_backbone_at(model, backbone, checkpoint: str, report: NormSwitchReport,
-                       old: str) -> None:
-    backbone['init_cfg'] = dict(type='StrictPretrained', checkpoint=checkpoint)
-    if model.get('pretrained') is not None:
-        model['pretrained'] = None
-    report.changes.append(('model.backbone.init_cfg', old, f'StrictPretrained({checkpoint})'))
