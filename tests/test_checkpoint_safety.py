@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from mmsn import SwitchNorm2d
+from mmsn.atomic_files import is_partial_name
 from mmsn.checkpoint import (TRUSTED_CHECKPOINTS_ENV, DamagedCheckpointError,
-                             UntrustedCheckpointError, find_checkpoint_damage,
-                             is_partial_name, load_checkpoint_file)
+                             UntrustedCheckpointError, load_checkpoint_file)
+from mmsn.checkpoint_damage import find_checkpoint_damage
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs/demo/fcn_r18-sn_shapes.py')
@@ -333,7 +334,7 @@ def kill(monkeypatch, step):
     """Makes the process 'die' at ``step`` of the next save."""
     import builtins
 
-    import mmsn.checkpoint
+    import mmsn.atomic_files
     from mmsn.mm.checkpoint_hook import AtomicLocalBackend
     real_open, real_replace = builtins.open, os.replace
 
@@ -354,7 +355,7 @@ def kill(monkeypatch, step):
     def remove(self, filepath):
         raise Killed
 
-    monkeypatch.setattr(mmsn.checkpoint, 'open', open_, raising=False)
+    monkeypatch.setattr(mmsn.atomic_files, 'open', open_, raising=False)
     monkeypatch.setattr(os, 'replace', replace)
     if step == 'retired checkpoint not removed':
         monkeypatch.setattr(AtomicLocalBackend, 'remove', remove)
