@@ -148,6 +148,18 @@ def test_sn_detector_exports_backbone_and_neck(tmp_path):
         assert_close(got, want)
 
 
+def export_hardened(model, out):
+    """Hardens the ratios of ``model`` and exports it with ``fold_hard``; checks that the
+    file computes what the hardened model does. Returns the export report."""
+    harden_ratios(model)
+    inputs = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = wrap_for_export(model)[0](inputs)
+    report = export_model(model, str(out), fold_hard=True, shape=(64, 64))
+    assert_close(run_onnx(out, inputs)[0], expected)
+    return report
+
+
 def test_fold_hard_exports_the_folded_layers(tmp_path):
     """Hard ratios (mmsn.deploy.harden_ratios): BN/BN layers fold into their conv, the rest
     keep only the statistics they use; the file computes what the hardened model did."""
@@ -157,15 +169,9 @@ def test_fold_hard_exports_the_folded_layers(tmp_path):
             if index % 2:  # every other layer picks BN for both: folds into its conv
                 layer.mean_weight.copy_(torch.tensor([0., 0., 5.]))
                 layer.var_weight.copy_(torch.tensor([0., 0., 5.]))
-    harden_ratios(model)
-    inputs = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = wrap_for_export(model)[0](inputs)
-    out = tmp_path / 'fcn-hard.onnx'
-    report = export_model(model, str(out), fold_hard=True, shape=(64, 64))
+    report = export_hardened(model, tmp_path / 'fcn-hard.onnx')
     assert len(report.folded) == 25 and report.switchable_layers == 0
     assert 'folded into the preceding conv' in report.folded.values()
-    assert_close(run_onnx(out, inputs)[0], expected)
 
 
 @pytest.mark.parametrize('make_layer', [
@@ -257,15 +263,9 @@ def test_eigh_sw_config_raises_unless_its_hard_layers_are_folded(tmp_path):
             if isinstance(layer, SwitchWhiten2d):
                 layer.sw_mean_weight.copy_(torch.tensor([5., 0.]))
                 layer.sw_var_weight.copy_(torch.tensor([5., 0.]))
-    harden_ratios(model)
-    inputs = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = wrap_for_export(model)[0](inputs)
-    out = tmp_path / 'deeplab.onnx'
-    report = export_model(model, str(out), fold_hard=True, shape=(64, 64))
+    report = export_hardened(model, tmp_path / 'deeplab.onnx')
     assert set(report.folded.values()) == {'folded into the preceding conv'}
     assert len(report.folded) == 7 and report.switchable_layers == 0
-    assert_close(run_onnx(out, inputs)[0], expected)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The package outside the checkout: the wheel, installed into a fresh virtual environment
 in a temporary folder, trains a config that inherits a shipped one (``mmsn::``) through
-its console script and converts a checkpoint.
+its console script, exports the trained checkpoint to ONNX and converts a checkpoint.
 
 The environment gets mmsn from the wheel alone (``pip install --no-deps``, not the
 checkout's editable install) and its dependencies from the ones ``make test`` installed
@@ -29,7 +29,7 @@ def run(command, cwd, timeout, **env):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_wheel_trains_a_config_that_inherits_a_shipped_one_and_converts(tmp_path):
+def test_wheel_trains_exports_and_converts_a_config_that_inherits_a_shipped_one(tmp_path):
     pytest.importorskip('mmseg')
     pytest.importorskip('mmdet')
     wheels = tmp_path / 'wheels'
@@ -62,6 +62,11 @@ def test_wheel_trains_a_config_that_inherits_a_shipped_one_and_converts(tmp_path
     run([str(venv / 'bin' / 'mmsn-train'), 'my_config.py', '--work-dir', 'work'], cwd=work,
         timeout=400)
     assert (work / 'work' / 'iter_2.pth').exists()
+
+    # the trained checkpoint exported to ONNX and run in onnxruntime against PyTorch
+    out = run([str(venv / 'bin' / 'mmsn-export-onnx'), 'my_config.py', 'work/iter_2.pth',
+               '--out', 'fcn.onnx', '--shape', '64', '64'], cwd=work, timeout=300)
+    assert (work / 'fcn.onnx').exists() and 'max abs diff' in out, out
 
     # the converter, on an open-mmlab BN ResNet-18 checkpoint (BN -> SN, uniform ratios)
     run([str(python), '-c', textwrap.dedent('''
