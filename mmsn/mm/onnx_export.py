@@ -24,16 +24,15 @@ Two exporters (``exporter``):
 * ``'torchscript'`` (default): ``torch.onnx.export(..., dynamo=False)``. About 2 s for the
   demo models on 2 CPU cores where the dynamo exporter takes 14-24 s. Deprecated since torch
   2.9 (still in 2.13). Two faults of its output are repaired before the file is checked (see
-  :func:`repair_torchscript_graph`). It has no symbolic for ``aten::diag_embed``, so SW
-  with ``sw_type=5`` needs the dynamo exporter, and it refuses mmseg's PSPHead pooling
-  wherever an SW layer precedes it or its bins do not divide the feature size.
+  :func:`repair_torchscript_graph`). It refuses mmseg's PSPHead pooling wherever an SW
+  layer precedes it or its bins do not divide the feature size.
 * ``'dynamo'``: ``torch.onnx.export(..., dynamo=True)`` (needs onnxscript): the exporter torch
-  recommends; exports ``sw_type=5`` and PSPHead (at a fixed size) too.
+  recommends; exports PSPHead (at a fixed size) too.
 
 What raises :class:`ValueError` before the exporter is called (naming the layer and the
 option): SW with ``method='eigh'`` that the forward runs (``torch.linalg.eigh`` has no ONNX
-operator; unless ``fold_hard`` folds the layer away), SW with ``sw_type=5`` for the
-torchscript exporter, and dynamic shapes with adaptive pooling to a grid (PSPHead). What
+operator; unless ``fold_hard`` folds the layer away), and dynamic shapes with adaptive
+pooling to a grid (PSPHead). What
 raises :class:`OnnxExportError`: a failure of the exporter itself (its first line, and what to
 try), a node in a custom domain, onnxruntime failing or computing outside the tolerance.
 """
@@ -310,14 +309,13 @@ def _model_path(module: nn.Module, name: str) -> str:
         '(the module)'
 
 
-def unexportable_layers(module: nn.Module, exporter: str,
+def unexportable_layers(module: nn.Module,
                         used: Optional[Sequence[nn.Module]] = None) -> List[str]:
-    """The SN/SW layers of ``module`` that ``exporter`` cannot write as standard ONNX
+    """The SN/SW layers of ``module`` that neither exporter can write as standard ONNX
     operators, each as 'path (what): why; what to do'.
 
     Args:
         module (nn.Module): the module to export.
-        exporter (str): 'torchscript' or 'dynamo'.
         used (list[nn.Module], optional): only these layers count (those the exported
             forward runs: a detector's heads are not exported). Defaults to all.
     """
@@ -334,19 +332,13 @@ def unexportable_layers(module: nn.Module, exporter: str,
                 "layer with method='newton' (the paper's iteration, T steps: not the same "
                 'numbers as eigh), or fold it with fold_hard / --fold-hard if its ratios are '
                 'one-hot on BW or BN')
-        if exporter == 'torchscript' and {'bn', 'in'} & set(layer.statistics):
-            problems.append(
-                f'{what}, sw_type={layer.sw_type}): its BN and IN statistics use '
-                "aten::diag_embed, which the torchscript exporter cannot write; use "
-                "exporter='dynamo' (--exporter dynamo)")
     return problems
 
 
-def check_exportable(module: nn.Module, exporter: str,
-                     used: Optional[Sequence[nn.Module]] = None) -> None:
-    """Raises ValueError naming every SN/SW layer of ``module`` that ``exporter`` cannot
-    export (see :func:`unexportable_layers`), before the exporter runs."""
-    problems = unexportable_layers(module, exporter, used)
+def check_exportable(module: nn.Module, used: Optional[Sequence[nn.Module]] = None) -> None:
+    """Raises ValueError naming every SN/SW layer of ``module`` that cannot export (see
+    :func:`unexportable_layers`), before the exporter runs."""
+    problems = unexportable_layers(module, used)
     if problems:
         raise ValueError('model: expected SN/SW layers that export to standard ONNX '
                          f'operators, got {len(problems)} that do not:\n  '
@@ -504,7 +496,7 @@ def export_module(module: nn.Module, out: str, shape: Sequence[int] = (512, 512)
                           generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad(), use_backend('torch'):
         outputs, used = _modules_run(module, example)
-    check_exportable(module, exporter, used)
+    check_exportable(module, used)
     if dynamic:
         check_dynamic_shapes(module, used)
     output_names = list(getattr(module, 'output_names', None) or

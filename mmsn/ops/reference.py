@@ -260,10 +260,12 @@ def switch_whiten_coefficients(mean_iw: Tensor, cov_iw: Tensor, numel_per_instan
     stats_mean, stats_cov = {}, {}
     stats_mean['bw'] = stats_mean['bn'] = mean_bw.expand_as(mean_iw)
     stats_cov['bw'] = cov_bw.expand_as(cov_iw)
-    stats_cov['bn'] = torch.diag_embed(cov_bw.diagonal(dim1=-2, dim2=-1)).expand_as(cov_iw)
+    # Diagonal matrices as products with the identity (the same numbers as diag_embed, which
+    # the torchscript ONNX exporter cannot write).
+    stats_cov['bn'] = (cov_bw * eye).expand_as(cov_iw)
     stats_mean['iw'] = stats_mean['in'] = mean_iw
     stats_cov['iw'] = cov_iw
-    stats_cov['in'] = torch.diag_embed(var_in)
+    stats_cov['in'] = var_in[..., None] * eye
     if 'ln' in SW_STATISTICS[sw_type]:
         # One mean and one variance per sample over all C channels (not per group).
         flat_mean = mean_iw.reshape(num_samples, groups * c)
