@@ -37,11 +37,12 @@ class ConfigOption:
 class SwitchableLayer(nn.Module):
     """Base of the SN and SW layers.
 
-    Holds the op's frozen ``config`` (built once here; ``eps`` and ``momentum`` read and
-    replace it), the per-channel affine parameters and the batch counter, checks inputs, and
-    migrates checkpoints that lack ``num_batches_tracked`` (the authors' releases have none).
-    Subclasses set ``_input_dims`` (the accepted ``x.dim()`` values) and implement
-    ``ratios()``, which returns the normalised mean and variance ratios.
+    Holds the op's frozen ``config`` (built once, by the subclass, with the layer; ``eps``
+    and ``momentum`` read and replace it), the per-channel affine parameters and the batch
+    counter, checks inputs, and migrates checkpoints that lack ``num_batches_tracked`` (the
+    authors' releases have none). Subclasses set ``_input_dims`` (the accepted ``x.dim()``
+    values) and implement ``ratios()``, which returns the normalised mean and variance
+    ratios.
     """
 
     _input_dims: Sequence[int] = (4,)
