@@ -25,22 +25,31 @@ def run_smoke(script, tmp_path, *args):
         return list(csv.DictReader(f))
 
 
+# The sweep over dtypes and layouts is bench_switch_norm.py's (both scripts run it): smoked in
+# full there; the SW script's smoke takes one dtype and layout (its kernels under the
+# interpreter cost a minute per combination).
+SW_SMOKE = ('--dtypes', 'bfloat16', '--layouts', 'channels_last')
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('script,column,expected', [
-    ('bench_switch_norm.py', 'op', {'mmsn-triton', 'mmsn-torch', 'BatchNorm2d', 'GroupNorm32'}),
-    ('bench_switch_whiten.py', 'op', {'SW2-16 mmsn-triton', 'SW5-16 mmsn-triton',
-                                      'SW2-16 mmsn-torch', 'SW5-16 mmsn-torch', 'BatchNorm2d'}),
-    ('bench_host_overhead.py', 'layer', {'BN', 'GN', 'SN (kernels)', 'SN (reference)',
-                                         'SW-16 (kernels)', 'SW-64 (kernels)'}),
+@pytest.mark.parametrize('script,args,column,expected', [
+    ('bench_switch_norm.py', (), 'op',
+     {'mmsn-triton', 'mmsn-torch', 'BatchNorm2d', 'GroupNorm32'}),
+    ('bench_switch_whiten.py', SW_SMOKE, 'op',
+     {'SW2-16 mmsn-triton', 'SW5-16 mmsn-triton', 'SW2-16 mmsn-torch', 'SW5-16 mmsn-torch',
+      'BatchNorm2d'}),
+    ('bench_host_overhead.py', (), 'layer',
+     {'BN', 'GN', 'SN (kernels)', 'SN (reference)', 'SW-16 (kernels)', 'SW-64 (kernels)'}),
 ])
-def test_layer_benchmarks_smoke(script, column, expected, tmp_path):
+def test_layer_benchmarks_smoke(script, args, column, expected, tmp_path):
     pytest.importorskip('triton')
-    rows = run_smoke(script, tmp_path)
+    rows = run_smoke(script, tmp_path, *args)
     assert {row[column] for row in rows} == expected
-    if script != 'bench_host_overhead.py':
-        assert {row['pass_'] for row in rows} == {'forward', 'backward', 'forward+backward'}
+    if script == 'bench_switch_norm.py':
         assert {row['layout'] for row in rows} == {'nchw', 'channels_last'}
         assert {row['dtype'] for row in rows} == {'float32', 'bfloat16'}
+    if script != 'bench_host_overhead.py':
+        assert {row['pass_'] for row in rows} == {'forward', 'backward', 'forward+backward'}
 
 
 @pytest.mark.slow

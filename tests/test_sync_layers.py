@@ -16,8 +16,8 @@ from mmsn.ops import set_backend
 from processes import collective_timeout, spawn_ranks
 
 CHANNELS = 16
-#: limits of the spawned ranks: the layer comparison (up to 3 ranks, SW at 64 channels a
-#: group in the interpreter) and the double-backward check
+#: limits of the spawned ranks: the layer comparison (up to 3 ranks; SW at 64 channels a
+#: group in the interpreter on 2) and the double-backward check
 SPAWN_SECONDS = 240
 DOUBLE_SECONDS = 150
 
@@ -25,7 +25,8 @@ DOUBLE_SECONDS = 150
 def make_layers(backend='torch', wide=False):
     """(name, local layer, synchronized layer) with the same random parameters; the kernel
     backends take the SW layers at 16 channels per group, and with ``wide`` at 64 too (the
-    kernels' sizes; 64 is ~25 s per run under the interpreter, so one case takes it)."""
+    kernels' sizes; 64 is ~25 s per run under the interpreter, so one case, of 2 ranks, takes
+    it: the 3 ranks with an empty one run the 16-per-group kernels)."""
     torch.manual_seed(0)
     layers = []
     for name, local, sync in [
@@ -121,12 +122,13 @@ def free_port():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('sizes,backend', [
-    ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton'), ((2, 0, 3), 'triton-wide'),
+    ((1, 4), 'torch'), ((2, 0, 3), 'torch'), ((1, 4), 'triton-wide'), ((2, 0, 3), 'triton'),
     ((2, 0, 3), 'composed')], ids=lambda v: '3-ranks-one-empty' if v == (2, 0, 3) else
     '2-ranks' if v == (1, 4) else v)
 @pytest.mark.timeout(SPAWN_SECONDS + 60)
 def test_sync_layers_equal_local_layers_on_concatenated_batch(sizes, backend, tmp_path):
-    """'triton-wide': the kernels with SW at 64 channels per group too."""
+    """'triton-wide': the kernels with SW at 64 channels per group too (2 ranks: a third
+    would cost another interpreted rank of it, the empty rank is the 16-per-group case's)."""
     backend, wide = backend.removesuffix('-wide'), backend.endswith('-wide')
     if backend != 'torch':
         pytest.importorskip('triton')
