@@ -37,8 +37,11 @@ def check_eps(eps: float) -> float:
     return float(eps)
 
 
-def _set_checked(config, name: str, value) -> None:
-    object.__setattr__(config, name, value)  # (frozen: the checked value replaces the given)
+def _check_shared_options(config) -> None:
+    """Checks the options both configs have and stores the checked values (frozen: through
+    ``object.__setattr__``, as dataclasses' own ``__init__`` does)."""
+    for name, check in (('momentum', check_momentum), ('eps', check_eps), ('logits', bool)):
+        object.__setattr__(config, name, check(getattr(config, name)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +60,7 @@ class SNConfig:
     logits: bool = True
 
     def __post_init__(self):
-        _set_checked(self, 'momentum', check_momentum(self.momentum))
-        _set_checked(self, 'eps', check_eps(self.eps))
-        _set_checked(self, 'logits', bool(self.logits))
+        _check_shared_options(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,4 @@ class SWConfig:
         check_positive_int('T', self.T)
         if self.method not in SW_METHODS:
             raise ValueError(f"method: expected 'newton' or 'eigh', got {self.method!r}")
-        _set_checked(self, 'momentum', check_momentum(self.momentum))
-        _set_checked(self, 'eps', check_eps(self.eps))
-        _set_checked(self, 'logits', bool(self.logits))
+        _check_shared_options(self)
